@@ -1,0 +1,1 @@
+"""Experiment configs: ``get_config(arg=None)`` files for ``python -m decjax.train``."""

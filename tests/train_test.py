@@ -1,0 +1,169 @@
+import hashlib
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import base
+from decjax.train import CheckpointError, ConfigError, loop, train_and_evaluate
+from decjax.train.records import read_jsonl
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+def tiny_config(**overrides):
+    """A model and corpus small enough that a run costs seconds, mostly compilation."""
+    config = base.get_config("size=tiny")
+    config.model.update(d_model=32, n_heads=2, n_layers=2, d_ff=64, n_stages=2, seq_len=32)
+    config.data.update(domains=("json", "concurrent"), max_bytes_per_domain=60_000)
+    config.train.update(steps=40, batch_size=4, microbatches=2, eval_every=20, eval_batches=2)
+    config.log.update(every=1, progress=False, plot=False)
+    config.ckpt.every = 20
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        config[section][field] = value
+    return config
+
+
+def _comparable(records):
+    """Metrics without wall-clock fields."""
+    return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in records]
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    config = tiny_config()
+    straight = train_and_evaluate(config, tmp_path / "straight")
+    stopped = train_and_evaluate(config, tmp_path / "resumed", stop_after_step=20)
+    assert stopped.steps == 20
+    resumed = train_and_evaluate(config, tmp_path / "resumed")
+    a = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    b = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+    assert [r["step"] for r in a if r["split"] == "train"] == list(range(1, 41))
+    assert _comparable(a) == _comparable(b)
+    assert resumed.final_val_loss == straight.final_val_loss
+    events = [e["event"] for e in read_jsonl(tmp_path / "resumed" / "events.jsonl")]
+    assert events.count("resume") == 1 and events[-1] == "end"
+    # Training works: validation loss falls well below the uniform-guess level ln(258).
+    assert straight.final_val_loss < straight.first_val_loss - 1.0
+
+
+def _tree_digest(folder: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("finished")
+    train_and_evaluate(tiny_config(train__steps=2, ckpt__every=2), workdir)
+    return workdir
+
+
+def _no_compute(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("compute started before the input was checked")
+
+    monkeypatch.setattr(loop, "make_train_step", fail)
+    monkeypatch.setattr(loop, "init_state", fail)
+
+
+def test_mismatched_checkpoint_is_refused_and_kept(finished_run, tmp_path, monkeypatch):
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run, workdir)
+    before = _tree_digest(workdir / "checkpoints")
+    _no_compute(monkeypatch)
+    with pytest.raises(CheckpointError, match=r"model.d_model: checkpoint 32, config 64"):
+        train_and_evaluate(tiny_config(model__d_model=64, train__steps=4), workdir)
+    assert _tree_digest(workdir / "checkpoints") == before
+
+
+def test_corrupt_checkpoint_is_refused_and_kept(finished_run, tmp_path, monkeypatch):
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run, workdir)
+    for path in (workdir / "checkpoints").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            path.write_bytes(b"\x00garbage" * 3)
+    before = _tree_digest(workdir / "checkpoints")
+    _no_compute(monkeypatch)
+    with pytest.raises(CheckpointError, match="could not be read|could not be restored"):
+        train_and_evaluate(tiny_config(train__steps=4), workdir)
+    assert _tree_digest(workdir / "checkpoints") == before
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (dict(model__n_layers=3), "model.n_stages"),
+        (dict(model__d_model=0), "model.d_model"),
+        (dict(train__batch_size=-4), "train.batch_size"),
+        (dict(train__microbatches=3), "train.microbatches"),
+        (dict(opt__lr=0.0), "opt.lr"),
+        (dict(opt__lr=-1e-3), "opt.lr"),
+        (dict(opt__schedule="linear"), "opt.schedule"),
+        (dict(model__dtype="float8"), "model.dtype"),
+        (dict(data__source="wikipedia"), "data.source"),
+        (dict(data__tokenizer="sentencepiece"), "data.tokenizer"),
+    ],
+)
+def test_bad_config_fails_before_compute_naming_the_field(overrides, field, tmp_path, monkeypatch):
+    _no_compute(monkeypatch)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        train_and_evaluate(tiny_config(**overrides), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_sequence_longer_than_data_fails_before_compute(tmp_path, monkeypatch):
+    _no_compute(monkeypatch)
+    config = tiny_config(model__seq_len=10_000_000)
+    with pytest.raises(ValueError, match=r"model\.seq_len=10000000 is larger than the data"):
+        train_and_evaluate(config, tmp_path / "run")
+
+
+def test_vocab_smaller_than_tokenizer_is_refused(tmp_path, monkeypatch):
+    _no_compute(monkeypatch)
+    with pytest.raises(ConfigError, match="model.vocab_size=100"):
+        train_and_evaluate(tiny_config(model__vocab_size=100), tmp_path / "run")
+
+
+def test_run_record_files(finished_run):
+    config = json.loads((finished_run / "config.json").read_text())
+    assert config["model"]["d_model"] == 32
+    metrics = read_jsonl(finished_run / "metrics.jsonl")
+    train = [r for r in metrics if r["split"] == "train"]
+    assert len(train) == 2 and len(train[0]["grad_norm_body"]) == 2
+    assert all(np.isfinite(r["loss"]) for r in metrics)
+    events = [e["event"] for e in read_jsonl(finished_run / "events.jsonl")]
+    assert events[0] == "start" and "checkpoint" in events and events[-1] == "end"
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "decjax.train", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_reports_bad_override_without_traceback(tmp_path):
+    result = _cli("--config=configs/base.py:size=tiny", f"--workdir={tmp_path}",
+                  "--config.model.n_stages=3")
+    assert result.returncode != 0
+    assert "error: model.n_stages=3 is not allowed" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_rejects_misspelt_field(tmp_path):
+    result = _cli("--config=configs/base.py:size=tiny", f"--workdir={tmp_path}",
+                  "--config.model.dmodel=3")
+    assert result.returncode != 0 and "dmodel" in result.stderr
+
+
+def test_config_variant_typo_is_rejected():
+    with pytest.raises(ValueError, match="expected key=value with key in"):
+        base.get_config("sise=tiny")
