@@ -60,9 +60,10 @@ def test_default_hidden_width_is_four_d():
     assert params["body"]["mlp"]["w_up"]["kernel"].shape[-1] == 32
 
 
-def test_route_follows_listed_stages_in_order():
+@pytest.mark.parametrize("skip_by_branching", [False, True])
+def test_route_follows_listed_stages_in_order(skip_by_branching):
     """A route with a swap and a skip equals applying those stages by hand."""
-    model = StagedLlama(CFG, 4)
+    model = StagedLlama(CFG, 4, skip_by_branching=skip_by_branching)
     params = model.init(jax.random.key(0))
     tokens = _tokens((1, 2, 8))
     route = jnp.asarray([[1, 0, -1, 3]], jnp.int32)
@@ -74,8 +75,9 @@ def test_route_follows_listed_stages_in_order():
                                rtol=1e-5, atol=1e-6)
 
 
-def test_unvisited_stages_get_exactly_zero_gradient():
-    model = StagedLlama(CFG, 4)
+@pytest.mark.parametrize("skip_by_branching", [False, True])
+def test_unvisited_stages_get_exactly_zero_gradient(skip_by_branching):
+    model = StagedLlama(CFG, 4, skip_by_branching=skip_by_branching)
     params = model.init(jax.random.key(0))
     rows = _tokens((2, 9))
     grads = jax.jit(jax.grad(lambda p, r: model.loss(p, rows, r)[0]))(

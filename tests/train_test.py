@@ -20,7 +20,7 @@ def tiny_config(**overrides):
     config.model.update(d_model=32, n_heads=2, n_layers=2, d_ff=64, n_stages=2, seq_len=32)
     config.data.update(domains=("json", "concurrent"), max_bytes_per_domain=60_000)
     config.train.update(steps=40, batch_size=4, microbatches=2, eval_every=20, eval_batches=2)
-    config.log.update(every=1, progress=False, plot=False)
+    config.log.update(every=1, progress=False, plot=False, tensorboard=False)
     config.ckpt.every = 20
     for key, value in overrides.items():
         section, field = key.split("__")
@@ -60,7 +60,8 @@ def _tree_digest(folder: pathlib.Path) -> str:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("finished")
-    train_and_evaluate(tiny_config(train__steps=2, ckpt__every=2), workdir)
+    train_and_evaluate(tiny_config(train__steps=2, ckpt__every=2, log__tensorboard=True,
+                                   log__plot=True), workdir)
     return workdir
 
 
@@ -143,6 +144,8 @@ def test_run_record_files(finished_run):
     assert all(np.isfinite(r["loss"]) for r in metrics)
     events = [e["event"] for e in read_jsonl(finished_run / "events.jsonl")]
     assert events[0] == "start" and "checkpoint" in events and events[-1] == "end"
+    assert (finished_run / "loss.png").stat().st_size > 1000
+    assert list((finished_run / "tb").glob("events.out.tfevents.*"))
 
 
 def _cli(*args):
