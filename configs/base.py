@@ -42,7 +42,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict(
         dict(
-            size=arg.size,
             vocab_size=0,  # 0: the tokenizer's vocabulary size
             rope_theta=1e4,
             norm_eps=1e-6,

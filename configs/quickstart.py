@@ -16,7 +16,6 @@ def get_config(arg=None):
         return base.get_config(f"size={arg.size}")
     config = base.get_config("size=tiny")
     config.model.update(d_model=128, n_heads=4, n_layers=4, d_ff=512, n_stages=2, seq_len=128)
-    config.model.size = "quickstart"
     config.train.update(steps=300, batch_size=16, microbatches=2, eval_every=50, eval_batches=8)
     config.opt.update(lr=3e-3, warmup_steps=20)
     config.ckpt.every = 100

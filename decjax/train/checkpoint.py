@@ -10,7 +10,6 @@ touched, so a user can inspect it or point ``--workdir`` elsewhere.
 
 import pathlib
 
-import jax
 import orbax.checkpoint as ocp
 
 from decjax.types import PyTree
@@ -95,7 +94,3 @@ def describe_mismatch(saved: dict, current: dict) -> str:
     ]
     return "; ".join(diffs)
 
-
-def abstract(tree: PyTree) -> PyTree:
-    """Shape/dtype/sharding skeleton of ``tree`` for :meth:`Checkpointer.restore`."""
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

@@ -11,7 +11,7 @@ import ml_collections
 import optax
 
 from decjax.data import validate_data_config
-from decjax.models import PRESETS, LlamaConfig, StagedLlama
+from decjax.models import LlamaConfig, StagedLlama
 from decjax.optim import stage_adamw
 
 SCHEDULES = ("constant", "warmup_cosine")
@@ -66,8 +66,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field in ("opt.lr", "opt.eps", "model.rope_theta", "model.norm_eps", "model.init_std"):
         _positive_float(config, field)
     m, t, o = config.model, config.train, config.opt
-    _require(m.size in PRESETS or m.size == "quickstart", "model.size", m.size,
-             f"one of {', '.join(PRESETS)}")
     _require(m.n_layers % m.n_stages == 0, "model.n_stages", m.n_stages,
              f"must divide model.n_layers={m.n_layers}")
     _require(m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads,

@@ -21,7 +21,7 @@ from decjax import tree
 from decjax.data import eval_batches, load_data, train_iterator
 from decjax.models import StagedLlama, full_route
 from decjax.train import records
-from decjax.train.checkpoint import Checkpointer, abstract
+from decjax.train.checkpoint import Checkpointer
 from decjax.train.config import ConfigError, make_model, make_optimizer, make_schedule, validate
 from decjax.train.step import abstract_state, init_state, make_eval_step, make_train_step
 
@@ -42,11 +42,10 @@ class RunSummary:
     plot: pathlib.Path | None
 
 
-def checkpoint_meta(config: ml_collections.ConfigDict, model: StagedLlama, tokenizer: str) -> dict:
+def checkpoint_meta(model: StagedLlama, tokenizer: str) -> dict:
     """The fields that fix the shapes in a checkpoint; compared on restore."""
     meta = {f"model.{k}": v for k, v in dataclasses.asdict(model.config).items()}
-    meta.update({"model.n_stages": model.n_stages, "data.tokenizer": tokenizer,
-                 "train.microbatches": config.train.microbatches})
+    meta.update({"model.n_stages": model.n_stages, "data.tokenizer": tokenizer})
     return meta
 
 
@@ -71,23 +70,20 @@ def train_and_evaluate(
     """
     validate(config)
     workdir = pathlib.Path(workdir)
+    t = config.train
     data = load_data(config.data, seq_len=config.model.seq_len, cache_dir=workdir / "cache")
     if config.model.vocab_size and config.model.vocab_size < data.vocab_size:
         raise ConfigError(
             f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
             f"vocabulary ({data.vocab_size}); use 0 to take the tokenizer's size"
         )
-    model = make_model(config, data.vocab_size)
-    tx = make_optimizer(config)
-    ckpt = Checkpointer(workdir, max_to_keep=config.ckpt.keep)
-    meta = checkpoint_meta(config, model, data.tokenizer.name)
-    t = config.train
+    model, tx = make_model(config, data.vocab_size), make_optimizer(config)
     batches = train_iterator(data, batch_size=t.batch_size, seed=config.seed)
-
+    ckpt = Checkpointer(workdir, max_to_keep=config.ckpt.keep)
+    meta = checkpoint_meta(model, data.tokenizer.name)
     start_step = ckpt.latest_step() or 0
-    if start_step:
-        target = abstract(abstract_state(model, tx))
-        state, data_state = ckpt.restore(start_step, target, meta)
+    if start_step:  # checked against meta before anything is computed
+        state, data_state = ckpt.restore(start_step, abstract_state(model, tx), meta)
         batches.set_state(data_state)
     else:
         state = init_state(model, tx, jax.random.key(config.seed))
@@ -103,49 +99,22 @@ def train_and_evaluate(
     train_step = jax.jit(make_train_step(model, tx), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(model))
     val_batches = eval_batches(data, batch_size=t.batch_size, num_batches=t.eval_batches)
-    schedule = make_schedule(config)
 
     def evaluate(step: int, params) -> float:
-        sums = [eval_step(params, rows, route) for rows in val_batches]
-        loss_sum, n_tokens = (float(sum(x)) for x in zip(*jax.device_get(sums), strict=True))
-        val_loss = loss_sum / n_tokens
+        sums = jax.device_get([eval_step(params, rows, route) for rows in val_batches])
+        val_loss = sum(float(s) for s, _ in sums) / sum(float(n) for _, n in sums)
         run.metrics(step, "val", {"loss": val_loss})
         return val_loss
 
     first_val = evaluate(0, state.params) if start_step == 0 else None
-    last_val = first_val
-    tokens_per_step = t.batch_size * config.model.seq_len
-    bar = tqdm(total=t.steps, initial=start_step, disable=not config.log.progress,
-               desc=f"train {workdir.name}", unit="step", dynamic_ncols=True)
-    pending, train_loss, speeds = None, float("nan"), []
-    last_logged = (start_step, time.perf_counter())
-
-    def flush(pending) -> float:
-        """Writes the metrics of an already dispatched step (keeps dispatch asynchronous)."""
-        nonlocal last_logged
-        step, metrics = pending
-        metrics = jax.device_get(metrics)  # waits for that step to finish
-        now = time.perf_counter()
-        speed = (step - last_logged[0]) * tokens_per_step / max(now - last_logged[1], 1e-9)
-        speeds.append(speed)
-        last_logged = (step, now)
-        run.metrics(step, "train", {
-            "loss": float(metrics["loss"]),
-            "lr": float(schedule(step - 1)),
-            "grad_norm_io": float(metrics["grad_norm_io"]),
-            "grad_norm_body": [float(x) for x in metrics["grad_norm_body"]],
-            "tokens": step * tokens_per_step,
-            "tokens_per_second": speed,
-        })
-        bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", val=f"{last_val or float('nan'):.3f}",
-                        tok_s=f"{speed:,.0f}")
-        return float(metrics["loss"])
-
     last_step = min(t.steps, stop_after_step or t.steps)
+    logger = _TrainLogger(run, make_schedule(config), t.batch_size * config.model.seq_len,
+                          start_step, t.steps, config.log.progress, workdir.name)
+    last_val, pending = first_val, None
     for step in range(start_step + 1, last_step + 1):
         state, metrics = train_step(state, next(batches), route_fn(step - 1))
-        if pending is not None:
-            train_loss = flush(pending)
+        if pending is not None:  # read step t-1's metrics only after dispatching step t
+            logger.write(*pending, val_loss=last_val)
             pending = None
         if step % config.log.every == 0 or step == t.steps:
             pending = (step, metrics)
@@ -154,34 +123,62 @@ def train_and_evaluate(
         if step % config.ckpt.every == 0 or step == last_step:
             ckpt.save(step, state, batches.get_state(), meta)
             run.event(step, "checkpoint", path=str(ckpt.directory / str(step)))
-        bar.update(1)
+        logger.bar.update(1)
     if pending is not None:
-        train_loss = flush(pending)
-    bar.close()
+        logger.write(*pending, val_loss=last_val)
+    logger.bar.close()
     ckpt.wait()
     ckpt.close()
 
     metrics_log = records.read_jsonl(run.metrics_path)
-    if last_val is None:  # resumed at the final step: nothing new was computed
-        last_val = next(r["loss"] for r in reversed(metrics_log) if r["split"] == "val")
-        train_loss = next(r["loss"] for r in reversed(metrics_log) if r["split"] == "train")
+    last = {r["split"]: r["loss"] for r in metrics_log}  # the latest of each split
     plot = None
     if config.log.plot:
         plot = records.plot_losses(metrics_log, workdir / "loss.png", title=workdir.name)
-    run.event(last_step, "end" if last_step == t.steps else "stop", val_loss=last_val)
+    run.event(last_step, "end" if last_step == t.steps else "stop", val_loss=last["val"])
     run.close()
     summary = RunSummary(
         workdir=workdir,
         steps=last_step,
         n_params=n_params,
         first_val_loss=first_val,
-        final_val_loss=last_val,
-        final_train_loss=train_loss,
-        tokens_per_second=float(np.median(speeds)) if speeds else float("nan"),
+        final_val_loss=last["val"],
+        final_train_loss=last.get("train", float("nan")),
+        tokens_per_second=float(np.median(logger.speeds)) if logger.speeds else float("nan"),
         plot=plot,
     )
     print(format_summary(summary, metrics_log))
     return summary
+
+
+class _TrainLogger:
+    """Writes training metrics and measures tokens/s between logged steps."""
+
+    def __init__(self, run: records.RunRecord, schedule, tokens_per_step: int, start_step: int,
+                 total_steps: int, progress: bool, name: str):
+        self.run, self.schedule, self.tokens_per_step = run, schedule, tokens_per_step
+        self.speeds: list[float] = []
+        self._last = (start_step, time.perf_counter())
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not progress,
+                        desc=f"train {name}", unit="step", dynamic_ncols=True)
+
+    def write(self, step: int, metrics: dict, val_loss: float | None) -> None:
+        metrics = jax.device_get(metrics)  # waits for that step to finish
+        now = time.perf_counter()
+        speed = (step - self._last[0]) * self.tokens_per_step / max(now - self._last[1], 1e-9)
+        self._last = (step, now)
+        self.speeds.append(speed)
+        loss = float(metrics["loss"])
+        self.run.metrics(step, "train", {
+            "loss": loss,
+            "lr": float(self.schedule(step - 1)),
+            "grad_norm_io": float(metrics["grad_norm_io"]),
+            "grad_norm_body": [float(x) for x in metrics["grad_norm_body"]],
+            "tokens": step * self.tokens_per_step,
+            "tokens_per_second": speed,
+        })
+        val = "-" if val_loss is None else f"{val_loss:.3f}"
+        self.bar.set_postfix(loss=f"{loss:.3f}", val=val, tok_s=f"{speed:,.0f}")
 
 
 def format_summary(summary: RunSummary, metrics_log: list[dict]) -> str:
