@@ -3,8 +3,8 @@
     make run
     # or: python -m decjax.train --config=configs/quickstart.py --workdir=runs/quickstart
 
-Hardware: 2 CPU cores. Expected: validation loss (nats/byte) from ~5.6 at step 0 to
-about 2.3 after 300 steps (see README for the table this prints).
+Hardware: 2 CPU cores, about 2.5 minutes. Expected: validation loss (nats/byte) from 5.5 at
+step 0 to about 1.8 after 300 steps (the README shows the table this prints).
 """
 
 from configs import base

@@ -8,3 +8,4 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# dtype promotion stays "standard": optax's Adam bias correction computes float ** int32.

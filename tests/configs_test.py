@@ -1,0 +1,29 @@
+import importlib
+import pathlib
+
+import pytest
+
+from decjax.train import validate
+
+CONFIGS = sorted(
+    p.stem for p in (pathlib.Path(__file__).parents[1] / "configs").glob("*.py")
+    if p.stem != "__init__"
+)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("arg", [None, "size=tiny"])
+def test_every_config_and_its_tiny_variant_validate(name, arg):
+    config = importlib.import_module(f"configs.{name}").get_config(arg)
+    validate(config)
+    if arg == "size=tiny":
+        assert config.train.steps <= 100 and config.model.d_model <= 64
+
+
+@pytest.mark.parametrize("size", ["small", "124m", "500m", "1.5b"])
+def test_preset_variants_validate(size):
+    from configs import base
+
+    config = base.get_config(f"size={size}")
+    validate(config)
+    assert config.model.n_layers % config.model.n_stages == 0
