@@ -30,7 +30,8 @@ def tiny_config(**overrides):
 
 def _comparable(records):
     """Metrics without wall-clock fields."""
-    return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in records]
+    wall = ("tokens_per_second", "wall_seconds")
+    return [{k: v for k, v in r.items() if k not in wall} for r in records]
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
@@ -170,3 +171,64 @@ def test_cli_rejects_misspelt_field(tmp_path):
 def test_config_variant_typo_is_rejected():
     with pytest.raises(ValueError, match="expected key=value with key in"):
         base.get_config("sise=tiny")
+
+
+def test_simulated_clock_and_failure_events(tmp_path):
+    config = tiny_config(train__steps=6, ckpt__every=6, sim__failures="mtbf",
+                         sim__mtbf_seconds=1.0, sim__failure_seed=3)
+    train_and_evaluate(config, tmp_path)
+    train = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "train"]
+    start = read_jsonl(tmp_path / "events.jsonl")[0]
+    per_step = start["sim_iteration_seconds"]
+    assert per_step > 0
+    np.testing.assert_allclose([r["sim_seconds"] for r in train],
+                               per_step * np.arange(1, 7), rtol=1e-12)
+    assert all(r["wall_seconds"] > 0 for r in train)
+    failures = [(e["step"], e["stage"]) for e in read_jsonl(tmp_path / "events.jsonl")
+                if e["event"] == "failure"]
+    trace = (tmp_path / "failure_trace.csv").read_text().splitlines()[1:]
+    expected = [(int(s) + 1, int(t)) for s, t, _ in (line.split(",") for line in trace)]
+    assert failures == expected and len(failures) > 3  # MTBF 1 s, iterations of seconds
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (dict(sim__network="mars"), "sim.network"),
+        (dict(sim__uniform_bandwidth_gibps=-1.0, sim__network="uniform"),
+         "sim.uniform_bandwidth_gibps"),
+        (dict(sim__failure_rate=1.0), "sim.failure_rate"),
+        (dict(sim__failure_rate=-0.1), "sim.failure_rate"),
+        (dict(sim__schedule="zigzag"), "sim.schedule"),
+        (dict(sim__failures="csv", sim__failure_csv="/nonexistent.csv"), "sim.failure_csv"),
+    ],
+)
+def test_bad_sim_config_fails_naming_the_field(overrides, field, tmp_path, monkeypatch):
+    _no_compute(monkeypatch)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        train_and_evaluate(tiny_config(**overrides), tmp_path / "run")
+
+
+def test_trace_naming_a_missing_stage_is_refused(tmp_path, monkeypatch):
+    _no_compute(monkeypatch)
+    csv = tmp_path / "trace.csv"
+    csv.write_text("step,target,kind\n3,7,fail\n")
+    config = tiny_config(sim__failures="csv", sim__failure_csv=str(csv))
+    with pytest.raises(ValueError, match="stage 7 but there are only 2 stages"):
+        train_and_evaluate(config, tmp_path / "run")
+
+
+def test_sim_cli_prints_iteration_breakdown():
+    result = subprocess.run(
+        [sys.executable, "-m", "decjax.sim", "--config=configs/base.py:size=500m",
+         "--config.sim.replicas=3", "--config.sim.failures=hourly"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for needle in ("simulated iteration time:", "compute", "communication", "allreduce",
+                   "average node idle", "Australia", "per iteration"):
+        assert needle in out, needle
+    result = subprocess.run(
+        [sys.executable, "-m", "decjax.sim", "--config=configs/base.py:size=tiny",
+         "--config.sim.network=atlantis"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "sim.network='atlantis'" in result.stderr

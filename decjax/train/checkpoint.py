@@ -1,10 +1,10 @@
 """Checkpoints: a thin wrapper over orbax's ``CheckpointManager``.
 
-A checkpoint holds three items: ``state`` (the train state pytree), ``data`` (the grain
-iterator position, JSON) and ``meta`` (a fingerprint of everything that fixes the shapes:
-the model section of the config, the tokenizer and vocabulary size). Restoring first reads
-``meta`` and refuses a checkpoint made for another model, naming the fields that differ;
-an unreadable checkpoint raises :class:`CheckpointError`. Either way nothing on disk is
+A checkpoint holds three items: ``state`` (the train state pytree), ``data`` (JSON: the
+grain iterator position, the simulated clock, ...) and ``meta`` (a fingerprint of everything
+that fixes the shapes: the model fields and the tokenizer). Restoring first reads ``meta``
+and refuses a checkpoint made for another model, naming the fields that differ; an
+unreadable checkpoint raises :class:`CheckpointError`. Either way nothing on disk is
 touched, so a user can inspect it or point ``--workdir`` elsewhere.
 """
 
@@ -20,7 +20,7 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpointer:
-    """Saves and restores ``(state, data_state)`` under ``<workdir>/checkpoints``."""
+    """Saves and restores ``(state, extras)`` under ``<workdir>/checkpoints``."""
 
     def __init__(self, workdir: str | pathlib.Path, *, max_to_keep: int = 2):
         self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
@@ -33,12 +33,12 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: PyTree, data_state: dict, meta: dict) -> None:
+    def save(self, step: int, state: PyTree, extras: dict, meta: dict) -> None:
         self._manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_state),
+                data=ocp.args.JsonSave(extras),
                 meta=ocp.args.JsonSave(meta),
             ),
         )

@@ -13,6 +13,7 @@ import optax
 from decjax.data import validate_data_config
 from decjax.models import LlamaConfig, StagedLlama
 from decjax.optim import stage_adamw
+from decjax.train.simulation import validate_sim_config
 
 SCHEDULES = ("constant", "warmup_cosine")
 DTYPES = ("float32", "bfloat16")
@@ -90,6 +91,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             ) from e
     try:
         validate_data_config(config.data)
+        validate_sim_config(config.sim)
     except ValueError as e:
         raise ConfigError(str(e)) from e
 

@@ -23,6 +23,7 @@ from decjax.models import StagedLlama, full_route
 from decjax.train import records
 from decjax.train.checkpoint import Checkpointer
 from decjax.train.config import ConfigError, make_model, make_optimizer, make_schedule, validate
+from decjax.train.simulation import SimClock, make_failure_trace, make_world
 from decjax.train.step import abstract_state, init_state, make_eval_step, make_train_step
 
 RouteFn = Callable[[int], np.ndarray]
@@ -81,18 +82,30 @@ def train_and_evaluate(
     batches = train_iterator(data, batch_size=t.batch_size, seed=config.seed)
     ckpt = Checkpointer(workdir, max_to_keep=config.ckpt.keep)
     meta = checkpoint_meta(model, data.tokenizer.name)
+    world = make_world(config, model)
+    iteration = world.iteration(seed=config.sim.failure_seed)
+    trace = make_failure_trace(config, model.n_stages, iteration.seconds)
     start_step = ckpt.latest_step() or 0
     if start_step:  # checked against meta before anything is computed
-        state, data_state = ckpt.restore(start_step, abstract_state(model, tx), meta)
-        batches.set_state(data_state)
+        state, extras = ckpt.restore(start_step, abstract_state(model, tx), meta)
+        batches.set_state(extras["iterator"])
+        clock, wall_offset = SimClock.from_state(extras["clock"]), extras["wall_seconds"]
     else:
         state = init_state(model, tx, jax.random.key(config.seed))
+        clock, wall_offset = SimClock(), 0.0
+    wall_start = time.perf_counter()
+
+    def wall_seconds() -> float:
+        return wall_offset + time.perf_counter() - wall_start
 
     run = records.RunRecord(workdir, resume_step=start_step, tensorboard=config.log.tensorboard)
     run.write_config(config.to_json_best_effort(indent=2, sort_keys=True))
     n_params = tree.num_params(state.params)
     run.event(start_step, "resume" if start_step else "start", n_params=n_params,
-              data=data.summary(), devices=[str(d) for d in jax.devices()])
+              data=data.summary(), devices=[str(d) for d in jax.devices()],
+              sim_iteration_seconds=iteration.seconds, sim_breakdown=iteration.breakdown)
+    if trace is not None:
+        run.save_trace(trace)
 
     route = full_route(t.microbatches, model.n_stages)
     route_fn = route_fn or (lambda step: route)
@@ -103,7 +116,8 @@ def train_and_evaluate(
     def evaluate(step: int, params) -> float:
         sums = jax.device_get([eval_step(params, rows, route) for rows in val_batches])
         val_loss = sum(float(s) for s, _ in sums) / sum(float(n) for _, n in sums)
-        run.metrics(step, "val", {"loss": val_loss})
+        run.metrics(step, "val", {"loss": val_loss, "sim_seconds": clock.seconds,
+                                   "wall_seconds": wall_seconds()})
         return val_loss
 
     first_val = evaluate(0, state.params) if start_step == 0 else None
@@ -112,16 +126,24 @@ def train_and_evaluate(
                           start_step, t.steps, config.log.progress, workdir.name)
     last_val, pending = first_val, None
     for step in range(start_step + 1, last_step + 1):
+        for target, kind in trace.at(step - 1) if trace is not None else ():
+            run.event(step, "failure" if kind == "fail" else kind, stage=int(target))
         state, metrics = train_step(state, next(batches), route_fn(step - 1))
+        if config.sim.straggler_sigma:  # a fresh, seeded straggler draw every step
+            iteration = world.iteration(seed=config.sim.failure_seed * 1_000_003 + step)
+        clock.advance("iteration", iteration.seconds)
         if pending is not None:  # read step t-1's metrics only after dispatching step t
             logger.write(*pending, val_loss=last_val)
             pending = None
         if step % config.log.every == 0 or step == t.steps:
-            pending = (step, metrics)
+            pending = (step, metrics, {"sim_seconds": clock.seconds,
+                                       "wall_seconds": wall_seconds()})
         if step % t.eval_every == 0 or step == t.steps:
             last_val = evaluate(step, state.params)
         if step % config.ckpt.every == 0 or step == last_step:
-            ckpt.save(step, state, batches.get_state(), meta)
+            extras = {"iterator": batches.get_state(), "clock": clock.state(),
+                      "wall_seconds": wall_seconds()}
+            ckpt.save(step, state, extras, meta)
             run.event(step, "checkpoint", path=str(ckpt.directory / str(step)))
         logger.bar.update(1)
     if pending is not None:
@@ -162,7 +184,7 @@ class _TrainLogger:
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not progress,
                         desc=f"train {name}", unit="step", dynamic_ncols=True)
 
-    def write(self, step: int, metrics: dict, val_loss: float | None) -> None:
+    def write(self, step: int, metrics: dict, times: dict, val_loss: float | None) -> None:
         metrics = jax.device_get(metrics)  # waits for that step to finish
         now = time.perf_counter()
         speed = (step - self._last[0]) * self.tokens_per_step / max(now - self._last[1], 1e-9)
@@ -176,6 +198,7 @@ class _TrainLogger:
             "grad_norm_body": [float(x) for x in metrics["grad_norm_body"]],
             "tokens": step * self.tokens_per_step,
             "tokens_per_second": speed,
+            **times,
         })
         val = "-" if val_loss is None else f"{val_loss:.3f}"
         self.bar.set_postfix(loss=f"{loss:.3f}", val=val, tok_s=f"{speed:,.0f}")

@@ -63,6 +63,19 @@ class RunRecord:
                 if isinstance(value, int | float):
                     self._tb.add_scalar(f"{split}/{key}", value, step)
 
+    def save_trace(self, trace) -> pathlib.Path:
+        """Saves the failure trace as ``failure_trace.csv`` (a different one is kept)."""
+        path = self.workdir / "failure_trace.csv"
+        if path.exists():
+            new = path.with_name(f"failure_trace.{time.strftime('%Y%m%d-%H%M%S')}.csv")
+            trace.to_csv(new)
+            if new.read_bytes() != path.read_bytes():
+                return new
+            new.unlink()
+            return path
+        trace.to_csv(path)
+        return path
+
     def event(self, step: int, kind: str, **details) -> None:
         _append(self.events_path, {"step": step, "event": kind, "time": time.time(), **details})
 
@@ -89,18 +102,24 @@ def _set_aside_after(path: pathlib.Path, step: int) -> None:
 
 
 def plot_losses(metrics: list[dict], path: str | pathlib.Path, title: str = "") -> pathlib.Path:
-    """Train and validation loss against step, saved as a PNG."""
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for split, style in (("train", "-"), ("val", "o-")):
-        rows = [r for r in metrics if r["split"] == split and "loss" in r]
-        if rows:
-            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], style,
-                    label=f"{split} loss", markersize=3, alpha=0.8 if split == "train" else 1.0)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    """Train and validation loss against step and against simulated hours, as a PNG."""
+    has_sim = any("sim_seconds" in r for r in metrics)
+    fig, axes = plt.subplots(1, 2 if has_sim else 1, figsize=(11 if has_sim else 6, 4), dpi=120,
+                             squeeze=False)
+    axes_x = [(axes[0, 0], "step", 1.0, "step")]
+    if has_sim:
+        axes_x.append((axes[0, 1], "sim_seconds", 3600.0, "simulated hours"))
+    for ax, key, scale, label in axes_x:
+        for split, style in (("train", "-"), ("val", "o-")):
+            rows = [r for r in metrics if r["split"] == split and "loss" in r and key in r]
+            if rows:
+                ax.plot([r[key] / scale for r in rows], [r["loss"] for r in rows], style,
+                        label=f"{split} loss", markersize=3)
+        ax.set_xlabel(label)
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
