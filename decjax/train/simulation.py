@@ -35,7 +35,7 @@ def default_sim_config() -> ml_collections.ConfigDict:
         max_in_flight=0,  # 0: no cap
         compute="reference",  # reference (0.055 s per sample per layer) | flops
         seconds_per_sample_layer=0.055,
-        device_flops=0.0,  # compute=flops: device FLOP/s (must be > 0)
+        device_flops=0.0,  # compute=flops: device FLOP/s; 0 measures this machine
         activation_bytes_per_value=4,
         allreduce="ring",  # ring | tree
         straggler_sigma=0.0,
@@ -66,8 +66,7 @@ def validate_sim_config(c: ml_collections.ConfigDict) -> None:
     require(c.max_in_flight >= 0, "max_in_flight", "an integer >= 0 (0: no cap)")
     require(c.hop_overhead_s >= 0, "hop_overhead_s", "a number >= 0")
     require(c.seconds_per_sample_layer > 0, "seconds_per_sample_layer", "a number > 0")
-    require(c.compute != "flops" or c.device_flops > 0, "device_flops",
-            "a number > 0 when sim.compute='flops'")
+    require(c.device_flops >= 0, "device_flops", "a number >= 0 (0: measure this machine)")
     require(c.straggler_sigma >= 0, "straggler_sigma", "a number >= 0")
     require(0.0 <= c.failure_rate < 1.0, "failure_rate", "a probability in [0, 1)")
     require(c.mtbf_seconds > 0, "mtbf_seconds", "a number > 0")
@@ -132,7 +131,8 @@ def make_world(config: ml_collections.ConfigDict, model: StagedLlama) -> World:
     else:
         flops = sim.stage_forward_flops(m.d_model, m.n_heads, model.layers_per_stage,
                                         m.hidden_dim, seq_len, samples)
-        cost = sim.ComputeCost.from_flops(np.full(n_stages, flops), c.device_flops,
+        device_flops = c.device_flops or measure_device_flops(model, samples, seq_len)
+        cost = sim.ComputeCost.from_flops(np.full(n_stages, flops), device_flops,
                                           straggler_sigma=c.straggler_sigma)
     per_layer = 4 * m.d_model**2 + 3 * m.d_model * m.hidden_dim + 2 * m.d_model
     stage_bytes = 4.0 * per_layer * model.layers_per_stage  # float32 gradients
@@ -148,6 +148,22 @@ def make_world(config: ml_collections.ConfigDict, model: StagedLlama) -> World:
         max_in_flight=c.max_in_flight or None,
         allreduce=c.allreduce,
     )
+
+
+def measure_device_flops(model: StagedLlama, samples: int, seq_len: int) -> float:
+    """FLOP/s of this machine on one body stage's forward + backward for one microbatch."""
+    import jax
+    import jax.numpy as jnp
+
+    from decjax import tree
+
+    m = model.config
+    stage = tree.index(model.init(jax.random.key(0))["body"], 0)
+    x = jax.random.normal(jax.random.key(1), (samples, seq_len, m.d_model), m.compute_dtype)
+    step = jax.jit(jax.grad(lambda p, x: jnp.sum(model.apply_stage(p, x).astype(jnp.float32))))
+    forward = sim.stage_forward_flops(m.d_model, m.n_heads, model.layers_per_stage,
+                                      m.hidden_dim, seq_len, samples)
+    return sim.measure_flops_per_second(step, stage, x, flops=3 * forward)
 
 
 def make_failure_trace(config: ml_collections.ConfigDict, n_stages: int,
