@@ -11,6 +11,7 @@ import ml_collections
 
 from decjax.data import default_data_config
 from decjax.models import preset
+from decjax.train.methods import default_method_config
 from decjax.train.simulation import default_sim_config
 
 
@@ -69,6 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dict(steps=2000, batch_size=32, microbatches=4, eval_every=200, eval_batches=8)
     )
     config.sim = default_sim_config()
+    config.method = default_method_config()
     config.ckpt = ml_collections.ConfigDict(dict(every=500, keep=2))
     config.log = ml_collections.ConfigDict(
         dict(every=10, progress=True, tensorboard=False, plot=True)

@@ -175,7 +175,7 @@ def test_config_variant_typo_is_rejected():
 
 def test_simulated_clock_and_failure_events(tmp_path):
     config = tiny_config(train__steps=6, ckpt__every=6, sim__failures="mtbf",
-                         sim__mtbf_seconds=1.0, sim__failure_seed=3)
+                         sim__mtbf_seconds=1.0, sim__failure_seed=3, method__name="redundant")
     train_and_evaluate(config, tmp_path)
     train = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "train"]
     start = read_jsonl(tmp_path / "events.jsonl")[0]
@@ -213,7 +213,7 @@ def test_trace_naming_a_missing_stage_is_refused(tmp_path, monkeypatch):
     _no_compute(monkeypatch)
     csv = tmp_path / "trace.csv"
     csv.write_text("step,target,kind\n3,7,fail\n")
-    config = tiny_config(sim__failures="csv", sim__failure_csv=str(csv))
+    config = tiny_config(sim__failures="csv", sim__failure_csv=str(csv), method__name="redundant")
     with pytest.raises(ValueError, match="stage 7 but there are only 2 stages"):
         train_and_evaluate(config, tmp_path / "run")
 
@@ -221,7 +221,8 @@ def test_trace_naming_a_missing_stage_is_refused(tmp_path, monkeypatch):
 def test_sim_cli_prints_iteration_breakdown():
     result = subprocess.run(
         [sys.executable, "-m", "decjax.sim", "--config=configs/base.py:size=500m",
-         "--config.sim.replicas=3", "--config.sim.failures=hourly"],
+         "--config.sim.replicas=3", "--config.sim.failures=hourly",
+         "--config.method.name=checkfree_plus"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -232,3 +233,53 @@ def test_sim_cli_prints_iteration_breakdown():
         [sys.executable, "-m", "decjax.sim", "--config=configs/base.py:size=tiny",
          "--config.sim.network=atlantis"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "sim.network='atlantis'" in result.stderr
+
+
+def _failure_events(workdir):
+    return [(e["step"], e["stage"]) for e in read_jsonl(workdir / "events.jsonl")
+            if e["event"] == "failure"]
+
+
+def test_checkfree_plus_survives_a_hundred_failures(tmp_path):
+    config = tiny_config(train__steps=70, ckpt__every=70, train__eval_every=70,
+                         sim__failures="mtbf", sim__mtbf_seconds=10.0,
+                         method__name="checkfree_plus")
+    config.model.update(n_layers=6, n_stages=6)
+    train_and_evaluate(config, tmp_path)
+    assert len(_failure_events(tmp_path)) >= 100
+    metrics = read_jsonl(tmp_path / "metrics.jsonl")
+    assert all(np.isfinite(r["loss"]) for r in metrics)
+    recoveries = [e for e in read_jsonl(tmp_path / "events.jsonl") if e["event"] == "recovery"]
+    assert {"copy", "interpolate"} <= {e["kind"] for e in recoveries}
+
+
+def test_methods_share_the_trace_and_charge_their_costs(tmp_path):
+    runs = {}
+    for name in ("checkfree", "checkfree_plus", "checkpoint", "redundant"):
+        config = tiny_config(train__steps=12, ckpt__every=12, sim__failures="mtbf",
+                             sim__mtbf_seconds=20.0, method__name=name,
+                             method__checkpoint_every=4)
+        config.model.update(n_layers=4, n_stages=4)
+        train_and_evaluate(config, tmp_path / name)
+        runs[name] = _failure_events(tmp_path / name)
+    assert runs["checkfree_plus"] == runs["checkpoint"] == runs["redundant"]
+    assert len(runs["checkfree_plus"]) > 0
+    # Plain CheckFree sees the same trace restricted to the interior stages 1 and 2.
+    assert runs["checkfree"] == [(s, t) for s, t in runs["checkfree_plus"] if t in (1, 2)]
+    # Checkpointing rolls back: model progress falls behind the iteration count.
+    train = [r for r in read_jsonl(tmp_path / "checkpoint" / "metrics.jsonl")
+             if r["split"] == "train"]
+    assert train[-1]["model_step"] < train[-1]["step"]
+    plain = [r for r in read_jsonl(tmp_path / "checkfree_plus" / "metrics.jsonl")
+             if r["split"] == "train"]
+    assert plain[-1]["model_step"] == 12
+    # Redundant computation pays every iteration: its clock runs faster per step.
+    start = {name: read_jsonl(tmp_path / name / "events.jsonl")[0]["sim_iteration_seconds"]
+             for name in runs}
+    assert start["redundant"] > start["checkfree_plus"] == start["checkpoint"]
+
+
+def test_no_failure_method_refuses_a_failure_trace(tmp_path, monkeypatch):
+    _no_compute(monkeypatch)
+    with pytest.raises(ConfigError, match="method.name='none'"):
+        train_and_evaluate(tiny_config(sim__failures="hourly"), tmp_path)

@@ -13,6 +13,7 @@ import optax
 from decjax.data import validate_data_config
 from decjax.models import LlamaConfig, StagedLlama
 from decjax.optim import stage_adamw
+from decjax.train.methods import validate_method_config
 from decjax.train.simulation import validate_sim_config
 
 SCHEDULES = ("constant", "warmup_cosine")
@@ -92,6 +93,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     try:
         validate_data_config(config.data)
         validate_sim_config(config.sim)
+        validate_method_config(config.method, config.sim.failures)
     except ValueError as e:
         raise ConfigError(str(e)) from e
 

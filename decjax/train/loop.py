@@ -23,6 +23,7 @@ from decjax.models import StagedLlama, full_route
 from decjax.train import records
 from decjax.train.checkpoint import Checkpointer
 from decjax.train.config import ConfigError, make_model, make_optimizer, make_schedule, validate
+from decjax.train.methods import make_method
 from decjax.train.simulation import SimClock, make_failure_trace, make_world
 from decjax.train.step import abstract_state, init_state, make_eval_step, make_train_step
 
@@ -83,8 +84,13 @@ def train_and_evaluate(
     ckpt = Checkpointer(workdir, max_to_keep=config.ckpt.keep)
     meta = checkpoint_meta(model, data.tokenizer.name)
     world = make_world(config, model)
-    iteration = world.iteration(seed=config.sim.failure_seed)
-    trace = make_failure_trace(config, model.n_stages, iteration.seconds)
+    method = make_method(config, model, tx, world, workdir)
+    iteration = method.iteration(seed=config.sim.failure_seed)
+    # The trace follows the plain pipeline's iteration time, so every method shares it.
+    plain_seconds = world.iteration(seed=config.sim.failure_seed).seconds
+    trace = make_failure_trace(config, model.n_stages, plain_seconds)
+    if trace is not None:
+        trace = trace.restrict(method.eligible_stages())
     start_step = ckpt.latest_step() or 0
     if start_step:  # checked against meta before anything is computed
         state, extras = ckpt.restore(start_step, abstract_state(model, tx), meta)
@@ -94,6 +100,7 @@ def train_and_evaluate(
         state = init_state(model, tx, jax.random.key(config.seed))
         clock, wall_offset = SimClock(), 0.0
     wall_start = time.perf_counter()
+    model_step = int(jax.device_get(state.step))
 
     def wall_seconds() -> float:
         return wall_offset + time.perf_counter() - wall_start
@@ -103,12 +110,13 @@ def train_and_evaluate(
     n_params = tree.num_params(state.params)
     run.event(start_step, "resume" if start_step else "start", n_params=n_params,
               data=data.summary(), devices=[str(d) for d in jax.devices()],
-              sim_iteration_seconds=iteration.seconds, sim_breakdown=iteration.breakdown)
+              sim_iteration_seconds=iteration.seconds, sim_breakdown=iteration.breakdown,
+              **method.describe())
     if trace is not None:
         run.save_trace(trace)
 
-    route = full_route(t.microbatches, model.n_stages)
-    route_fn = route_fn or (lambda step: route)
+    route = full_route(t.microbatches, model.n_stages)  # evaluation uses the plain model
+    route_fn = route_fn or method.route
     train_step = jax.jit(make_train_step(model, tx), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(model))
     val_batches = eval_batches(data, batch_size=t.batch_size, num_batches=t.eval_batches)
@@ -124,20 +132,32 @@ def train_and_evaluate(
     last_step = min(t.steps, stop_after_step or t.steps)
     logger = _TrainLogger(run, make_schedule(config), t.batch_size * config.model.seq_len,
                           start_step, t.steps, config.log.progress, workdir.name)
-    last_val, pending = first_val, None
+    last_val, pending, metrics = first_val, None, None
+    if start_step == 0:  # e.g. the checkpointing baseline's first checkpoint
+        for kind, seconds in method.after_step(0, state, {"iterator": batches.get_state()}).items():
+            clock.advance(kind, seconds)
     for step in range(start_step + 1, last_step + 1):
-        for target, kind in trace.at(step - 1) if trace is not None else ():
-            run.event(step, "failure" if kind == "fail" else kind, stage=int(target))
+        failed = trace.failures_at(step - 1) if trace is not None else ()
+        if len(failed):
+            state, rolled_back = _recover(method, run, clock, step, state, failed, metrics,
+                                          model.n_stages)
+            if rolled_back is not None:
+                model_step = rolled_back[0]
+                batches.set_state(rolled_back[1]["iterator"])
         state, metrics = train_step(state, next(batches), route_fn(step - 1))
+        model_step += 1
         if config.sim.straggler_sigma:  # a fresh, seeded straggler draw every step
-            iteration = world.iteration(seed=config.sim.failure_seed * 1_000_003 + step)
+            iteration = method.iteration(seed=config.sim.failure_seed * 1_000_003 + step)
         clock.advance("iteration", iteration.seconds)
+        for kind, seconds in method.after_step(
+                step, state, {"iterator": batches.get_state()}).items():
+            clock.advance(kind, seconds)
         if pending is not None:  # read step t-1's metrics only after dispatching step t
             logger.write(*pending, val_loss=last_val)
             pending = None
         if step % config.log.every == 0 or step == t.steps:
             pending = (step, metrics, {"sim_seconds": clock.seconds,
-                                       "wall_seconds": wall_seconds()})
+                                       "wall_seconds": wall_seconds(), "model_step": model_step})
         if step % t.eval_every == 0 or step == t.steps:
             last_val = evaluate(step, state.params)
         if step % config.ckpt.every == 0 or step == last_step:
@@ -151,6 +171,7 @@ def train_and_evaluate(
     logger.bar.close()
     ckpt.wait()
     ckpt.close()
+    method.close()
 
     metrics_log = records.read_jsonl(run.metrics_path)
     last = {r["split"]: r["loss"] for r in metrics_log}  # the latest of each split
@@ -171,6 +192,25 @@ def train_and_evaluate(
     )
     print(format_summary(summary, metrics_log))
     return summary
+
+
+def _recover(method, run, clock, step, state, failed, last_metrics, n_stages):
+    """Applies ``method`` to this iteration's failures; returns the state and any rollback."""
+    for stage in failed:
+        run.event(step, "failure", stage=int(stage))
+    norms = np.ones(n_stages)  # the reference's initial norms, before any step
+    if last_metrics is not None:
+        norms = np.asarray(jax.device_get(last_metrics["grad_norm_body"]), np.float64)
+    recovery = method.recover(step, state, failed, norms)
+    for event in recovery.events:
+        details = dict(event)
+        run.event(step, details.pop("event"), **details)
+    for kind, seconds in recovery.seconds.items():
+        clock.advance(kind, seconds)
+    rollback = None
+    if recovery.rollback_to is not None:
+        rollback = (recovery.rollback_to, recovery.data_state)
+    return recovery.state, rollback
 
 
 class _TrainLogger:

@@ -76,8 +76,8 @@ class RunRecord:
         trace.to_csv(path)
         return path
 
-    def event(self, step: int, kind: str, **details) -> None:
-        _append(self.events_path, {"step": step, "event": kind, "time": time.time(), **details})
+    def event(self, step: int, name: str, **details) -> None:
+        _append(self.events_path, {"step": step, "event": name, "time": time.time(), **details})
 
     def close(self) -> None:
         if self._tb is not None:
