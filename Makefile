@@ -18,8 +18,9 @@ install-dev: venv
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 
+# The quickstart: CheckFree+ against checkpointing and no failures on one shared failure trace.
 run: install
-	$(PY) -m decjax.train --config=configs/quickstart.py --workdir=$(RUN_DIR)
+	$(PY) experiments/checkfree/run.py --grid=quick --out=$(RUN_DIR)
 
 test: install-dev
 	$(PY) -m pytest -n auto -q

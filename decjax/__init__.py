@@ -1,6 +1,6 @@
 """decjax: training language models on decentralized, cheap, failure-prone nodes."""
 
-from decjax import models, optim, tree, types
+from decjax import checkfree, models, optim, sim, tree, types
 from decjax.models import LlamaConfig, StagedLlama, full_route
 from decjax.optim import per_stage, reset_stage, stage_adamw
 
@@ -9,11 +9,13 @@ __version__ = "0.1.0"
 __all__ = [
     "LlamaConfig",
     "StagedLlama",
+    "checkfree",
     "full_route",
     "models",
     "optim",
     "per_stage",
     "reset_stage",
+    "sim",
     "stage_adamw",
     "tree",
     "types",

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from decjax import sim
-from decjax.models import StagedLlama
+from decjax.models import PRESETS, LlamaConfig, StagedLlama, preset
 
 NETWORKS = ("gcp12", "gcp12_skippipe", "uniform")
 PLACEMENTS = ("round_robin", "random")
@@ -44,6 +44,10 @@ def default_sim_config() -> ml_collections.ConfigDict:
         mtbf_seconds=3600.0,
         failure_csv="",
         failure_seed=0,
+        # Cost the world for another model shape (a preset name, e.g. "500m") while training
+        # a small proxy with the same number of stages; "" costs the trained model itself.
+        cost_model="",
+        cost_samples_per_microbatch=0,  # 0: train.batch_size / microbatches / replicas
     ))
 
 
@@ -74,6 +78,10 @@ def validate_sim_config(c: ml_collections.ConfigDict) -> None:
             "an existing CSV file when sim.failures='csv'")
     require(c.uniform_latency_ms >= 0, "uniform_latency_ms", "a number >= 0")
     require(c.uniform_bandwidth_gibps > 0, "uniform_bandwidth_gibps", "a number > 0")
+    require(c.cost_model in ("", *PRESETS), "cost_model", f"'' or one of {', '.join(PRESETS)}")
+    require(not (c.cost_model and c.compute == "flops" and not c.device_flops), "device_flops",
+            "a number > 0 when sim.cost_model is set (that model is not built to measure)")
+    require(c.cost_samples_per_microbatch >= 0, "cost_samples_per_microbatch", "an integer >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,16 +121,25 @@ def make_network(c: ml_collections.ConfigDict) -> sim.Network:
 
 def make_world(config: ml_collections.ConfigDict, model: StagedLlama) -> World:
     """The world of ``config.sim`` for ``model`` trained with ``config.train``."""
-    c, t, m = config.sim, config.train, model.config
-    n_stages = model.n_stages
+    c, t = config.sim, config.train
+    n_stages, seq_len = model.n_stages, config.model.seq_len
+    if c.cost_model:
+        shape = preset(c.cost_model)
+        if shape["n_stages"] != n_stages:
+            raise ValueError(f"sim.cost_model={c.cost_model!r} has {shape['n_stages']} stages, "
+                             f"the trained model model.n_stages={n_stages}")
+        seq_len = shape["seq_len"]
+        costed = LlamaConfig(vocab_size=1, d_model=shape["d_model"], n_heads=shape["n_heads"],
+                             n_layers=shape["n_layers"], d_ff=shape["d_ff"])
+        model = StagedLlama(costed, n_stages)
+    m = model.config
     network = make_network(c)
     n_nodes = n_stages * c.replicas
     if c.placement == "random":
         placement = sim.place_random(network, n_nodes, seed=c.failure_seed)
     else:
         placement = sim.place_round_robin(network, n_nodes)
-    samples = t.batch_size // t.microbatches // c.replicas or 1
-    seq_len = config.model.seq_len
+    samples = c.cost_samples_per_microbatch or t.batch_size // t.microbatches // c.replicas or 1
     if c.compute == "reference":
         cost = sim.ComputeCost.reference(
             n_stages, model.layers_per_stage, samples,
