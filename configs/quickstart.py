@@ -1,7 +1,6 @@
 """Quickstart: a small staged model on the Python standard library, a few minutes on CPU.
 
-    make run
-    # or: python -m decjax.train --config=configs/quickstart.py --workdir=runs/quickstart
+    python -m decjax.train --config=configs/quickstart.py --workdir=runs/quickstart
 
 Hardware: 2 CPU cores, about 2.5 minutes. Expected: validation loss (nats/byte) from 5.5 at
 step 0 to about 1.8 after 300 steps (the README shows the table this prints).
