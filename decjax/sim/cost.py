@@ -8,7 +8,6 @@ multiplying times with mean-one log-normal factors (:meth:`ComputeCost.sample`).
 """
 
 import dataclasses
-import math
 import operator
 import time
 from collections.abc import Callable, Sequence
@@ -16,40 +15,10 @@ from typing import Self
 
 import numpy as np
 
+from decjax.sim._checks import count, nonneg, positive
+
 # skippipe's measured compute seconds per sample per layer, the same for every region.
 REFERENCE_SECONDS_PER_SAMPLE_LAYER = 0.055
-
-
-def _count(value, name: str) -> int:
-    """``value`` as a positive int; bools and non-integers are rejected."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    try:
-        n = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
-    if n <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {n}")
-    return n
-
-
-def _nonneg(value, name: str) -> float:
-    """``value`` as a finite float >= 0."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}") from None
-    if not math.isfinite(x) or x < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return x
-
-
-def _positive(value, name: str) -> float:
-    """``value`` as a finite float > 0."""
-    x = _nonneg(value, name)
-    if x == 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return x
 
 
 def _vector(value, name: str, *, positive: bool) -> np.ndarray:
@@ -104,10 +73,10 @@ class ComputeCost:
         forward.flags.writeable = False  # a frozen dataclass should not hide a mutable array
         object.__setattr__(self, "forward_s", forward)
         object.__setattr__(self, "backward_factor",
-                           _nonneg(self.backward_factor, "backward_factor"))
-        object.__setattr__(self, "loss_factor", _nonneg(self.loss_factor, "loss_factor"))
+                           nonneg(self.backward_factor, "backward_factor"))
+        object.__setattr__(self, "loss_factor", nonneg(self.loss_factor, "loss_factor"))
         object.__setattr__(self, "straggler_sigma",
-                           _nonneg(self.straggler_sigma, "straggler_sigma"))
+                           nonneg(self.straggler_sigma, "straggler_sigma"))
 
     @property
     def n_stages(self) -> int:
@@ -184,10 +153,10 @@ class ComputeCost:
             seconds_per_sample_layer: compute seconds per sample per layer.
             straggler_sigma: log-normal straggler sigma (0 = deterministic).
         """
-        n = _count(n_stages, "n_stages")
-        layers = _count(layers_per_stage, "layers_per_stage")
-        samples = _count(samples_per_microbatch, "samples_per_microbatch")
-        w = _positive(seconds_per_sample_layer, "seconds_per_sample_layer") * layers * samples
+        n = count(n_stages, "n_stages")
+        layers = count(layers_per_stage, "layers_per_stage")
+        samples = count(samples_per_microbatch, "samples_per_microbatch")
+        w = positive(seconds_per_sample_layer, "seconds_per_sample_layer") * layers * samples
         return cls(forward_s=np.full(n, w), backward_factor=1.5, loss_factor=0.25,
                    straggler_sigma=straggler_sigma)
 
@@ -216,12 +185,12 @@ class ComputeCost:
         """
         flops = _vector(flops_per_microbatch_per_stage, "flops_per_microbatch_per_stage",
                         positive=True)
-        rate = _positive(flops_per_second, "flops_per_second")
-        backward_factor = _nonneg(backward_factor, "backward_factor")
+        rate = positive(flops_per_second, "flops_per_second")
+        backward_factor = nonneg(backward_factor, "backward_factor")
         if head_flops is not None and loss_factor is not None:
             raise ValueError("pass at most one of head_flops and loss_factor")
         if head_flops is not None:
-            head = _nonneg(head_flops, "head_flops")
+            head = nonneg(head_flops, "head_flops")
             # loss() multiplies by the mean stage forward time, so express the head in its units.
             loss_factor = (1.0 + backward_factor) * head / float(np.mean(flops))
         elif loss_factor is None:
@@ -240,23 +209,23 @@ def stage_forward_flops(d_model: int, n_heads: int, layers_per_stage: int, d_ff:
     and elementwise ops are ignored. ``n_heads`` does not change the count; it is checked to
     divide ``d_model``.
     """
-    d = _count(d_model, "d_model")
-    h = _count(n_heads, "n_heads")
+    d = count(d_model, "d_model")
+    h = count(n_heads, "n_heads")
     if d % h:
         raise ValueError(f"n_heads must divide d_model, got d_model={d}, n_heads={h}")
-    layers = _count(layers_per_stage, "layers_per_stage")
-    f = _count(d_ff, "d_ff")
-    t = _count(seq_len, "seq_len")
-    tokens = t * _count(samples, "samples")
+    layers = count(layers_per_stage, "layers_per_stage")
+    f = count(d_ff, "d_ff")
+    t = count(seq_len, "seq_len")
+    tokens = t * count(samples, "samples")
     per_token_layer = 2 * (4 * d * d + 3 * d * f) + 2 * t * d
     return layers * tokens * per_token_layer
 
 
 def head_forward_flops(d_model: int, vocab: int, seq_len: int, samples: int) -> int:
     """Matmul FLOPs of the de-embedding (``[d] -> [vocab]`` logits) for one microbatch."""
-    d = _count(d_model, "d_model")
-    v = _count(vocab, "vocab")
-    tokens = _count(seq_len, "seq_len") * _count(samples, "samples")
+    d = count(d_model, "d_model")
+    v = count(vocab, "vocab")
+    tokens = count(seq_len, "seq_len") * count(samples, "samples")
     return 2 * d * v * tokens
 
 
@@ -265,8 +234,8 @@ def activation_bytes(d_model: int, seq_len: int, samples: int, bytes_per_value: 
 
     The reference setting, d = 1024, T = 1024 in fp32, is 4 MiB per sample.
     """
-    return (_count(bytes_per_value, "bytes_per_value") * _count(d_model, "d_model")
-            * _count(seq_len, "seq_len") * _count(samples, "samples"))
+    return (count(bytes_per_value, "bytes_per_value") * count(d_model, "d_model")
+            * count(seq_len, "seq_len") * count(samples, "samples"))
 
 
 def stage_param_bytes(d_model: int, d_ff: int, layers_per_stage: int,
@@ -275,10 +244,10 @@ def stage_param_bytes(d_model: int, d_ff: int, layers_per_stage: int,
 
     What a recovering node downloads to rebuild a stage; norm scales are negligible and ignored.
     """
-    d = _count(d_model, "d_model")
-    f = _count(d_ff, "d_ff")
-    layers = _count(layers_per_stage, "layers_per_stage")
-    return _count(bytes_per_value, "bytes_per_value") * layers * (4 * d * d + 3 * d * f)
+    d = count(d_model, "d_model")
+    f = count(d_ff, "d_ff")
+    layers = count(layers_per_stage, "layers_per_stage")
+    return count(bytes_per_value, "bytes_per_value") * layers * (4 * d * d + 3 * d * f)
 
 
 def measure_flops_per_second(fn: Callable, *args, flops: float, repeats: int = 3) -> float:
@@ -301,8 +270,8 @@ def measure_flops_per_second(fn: Callable, *args, flops: float, repeats: int = 3
 
     if not callable(fn):
         raise ValueError(f"fn must be callable, got {fn!r}")
-    flops = _positive(flops, "flops")
-    repeats = _count(repeats, "repeats")
+    flops = positive(flops, "flops")
+    repeats = count(repeats, "repeats")
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):

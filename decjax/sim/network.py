@@ -12,7 +12,6 @@ The diagonal holds the link between two distinct nodes of the same region.
 import csv
 import dataclasses
 import io
-import math
 import operator
 from collections.abc import Sequence
 from importlib import resources
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Self
 
 import numpy as np
+
+from decjax.sim._checks import count, nonneg, positive
 
 GIB = 2**30
 _MS = 1e-3
@@ -30,38 +31,6 @@ _REQUIRED_COLUMNS = ("region_a", "region_b", "latency_ms")
 SAME_REGION_DEFAULT = (1.0, 2.0)
 
 Region = str | int
-
-
-def _count(value, name: str) -> int:
-    """``value`` as a positive int; bools and non-integers are rejected."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    try:
-        n = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
-    if n <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {n}")
-    return n
-
-
-def _nonneg(value, name: str) -> float:
-    """``value`` as a finite float >= 0."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}") from None
-    if not math.isfinite(x) or x < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return x
-
-
-def _positive(value, name: str) -> float:
-    """``value`` as a finite float > 0."""
-    x = _nonneg(value, name)
-    if x == 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return x
 
 
 def _readonly(array: np.ndarray) -> np.ndarray:
@@ -134,7 +103,7 @@ class Network:
         object.__setattr__(self, "latency_s", _readonly(latency))
         object.__setattr__(self, "bandwidth_bytes_per_s", _readonly(bandwidth))
         object.__setattr__(self, "hop_overhead_s",
-                           _nonneg(self.hop_overhead_s, "hop_overhead_s"))
+                           nonneg(self.hop_overhead_s, "hop_overhead_s"))
 
     @property
     def n_regions(self) -> int:
@@ -166,13 +135,13 @@ class Network:
     def transfer_seconds(self, a: Region, b: Region, nbytes: float) -> float:
         """Seconds to move ``nbytes`` from region ``a`` to region ``b`` (names or indices)."""
         i, j = self.region_index(a), self.region_index(b)
-        nbytes = _nonneg(nbytes, "nbytes")
+        nbytes = nonneg(nbytes, "nbytes")
         return float(self.latency_s[i, j] + nbytes / self.bandwidth_bytes_per_s[i, j]
                      + self.hop_overhead_s)
 
     def transfer_matrix(self, nbytes: float) -> np.ndarray:
         """``[R, R]`` transfer seconds for ``nbytes`` between every pair of regions."""
-        nbytes = _nonneg(nbytes, "nbytes")
+        nbytes = nonneg(nbytes, "nbytes")
         return self.latency_s + nbytes / self.bandwidth_bytes_per_s + self.hop_overhead_s
 
     def with_overhead(self, hop_overhead_s: float) -> Self:
@@ -231,9 +200,9 @@ class Network:
         if isinstance(regions, Sequence):
             names = tuple(regions)
         else:
-            names = tuple(f"r{i}" for i in range(_count(regions, "regions")))
-        latency = _nonneg(latency_ms, "latency_ms") * _MS
-        bandwidth = _positive(bandwidth_gibps, "bandwidth_gibps") * GIB
+            names = tuple(f"r{i}" for i in range(count(regions, "regions")))
+        latency = nonneg(latency_ms, "latency_ms") * _MS
+        bandwidth = positive(bandwidth_gibps, "bandwidth_gibps") * GIB
         n = len(names)
         return cls(regions=names, latency_s=np.full((n, n), latency),
                    bandwidth_bytes_per_s=np.full((n, n), bandwidth),
@@ -279,8 +248,8 @@ class Network:
         except (TypeError, ValueError):
             raise ValueError("same_region must be (latency_ms, bandwidth_gibps), "
                              f"got {same_region!r}") from None
-        same = (_nonneg(same_latency_ms, "same_region latency_ms"),
-                _positive(same_gibps, "same_region bandwidth_gibps"))
+        same = (nonneg(same_latency_ms, "same_region latency_ms"),
+                positive(same_gibps, "same_region bandwidth_gibps"))
         lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
         rows = list(csv.DictReader(io.StringIO("\n".join(lines)), skipinitialspace=True))
         header = rows[0].keys() if rows else ()
@@ -295,8 +264,8 @@ class Network:
             where = f"{source}: data row {k} ({a}-{b})"
             if not a or not b:
                 raise ValueError(f"{where}: region_a and region_b must be non-empty")
-            link = (_nonneg(row["latency_ms"], f"{where} latency_ms"),
-                    _positive(row[bandwidth_column], f"{where} {bandwidth_column}"))
+            link = (nonneg(row["latency_ms"], f"{where} latency_ms"),
+                    positive(row[bandwidth_column], f"{where} {bandwidth_column}"))
             key = frozenset((a, b))
             if key in pairs and pairs[key] != link:
                 raise ValueError(f"{where}: pair listed twice with different values")
@@ -374,7 +343,7 @@ class Placement:
         Two distinct nodes in one region use that region's diagonal (same-region) link.
         """
         i, j = self._node(i, "i"), self._node(j, "j")
-        nbytes = _nonneg(nbytes, "nbytes")
+        nbytes = nonneg(nbytes, "nbytes")
         if i == j:
             return 0.0
         return self.network.transfer_seconds(int(self.node_regions[i]),
@@ -399,7 +368,7 @@ class Placement:
 
 def place_round_robin(network: Network, n_nodes: int) -> Placement:
     """Node ``k`` goes to region ``k % R`` (skippipe's ``id_to_loc``)."""
-    n = _count(n_nodes, "n_nodes")
+    n = count(n_nodes, "n_nodes")
     return Placement(network, np.arange(n) % network.n_regions)
 
 
@@ -414,7 +383,7 @@ def place_explicit(network: Network, region_names: Sequence[Region]) -> Placemen
 
 def place_random(network: Network, n_nodes: int, seed: int) -> Placement:
     """Each node in a uniformly random region, drawn with ``numpy.random.default_rng(seed)``."""
-    n = _count(n_nodes, "n_nodes")
+    n = count(n_nodes, "n_nodes")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     rng = np.random.default_rng(seed)
