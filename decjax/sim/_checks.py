@@ -34,3 +34,16 @@ def positive(value, name: str) -> float:
     if x == 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return x
+
+
+def index(value, name: str, size: int) -> int:
+    """``value`` as an integer index in ``[0, size)``; bools and non-integers are rejected."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer index, got {value!r}")
+    try:
+        i = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer index, got {value!r}") from None
+    if not 0 <= i < size:
+        raise ValueError(f"{name} must be in [0, {size}), got {i}")
+    return i

@@ -15,7 +15,7 @@ from typing import Self
 
 import numpy as np
 
-from decjax.sim._checks import count, nonneg, positive
+from decjax.sim._checks import count, index, nonneg, positive
 
 # skippipe's measured compute seconds per sample per layer, the same for every region.
 REFERENCE_SECONDS_PER_SAMPLE_LAYER = 0.055
@@ -84,15 +84,7 @@ class ComputeCost:
         return int(self.forward_s.shape[0])
 
     def _stage(self, stage) -> int:
-        if isinstance(stage, bool):
-            raise ValueError(f"stage must be an integer stage index, got {stage!r}")
-        try:
-            s = operator.index(stage)
-        except TypeError:
-            raise ValueError(f"stage must be an integer stage index, got {stage!r}") from None
-        if not 0 <= s < self.n_stages:
-            raise ValueError(f"stage must be in [0, {self.n_stages}), got {s}")
-        return s
+        return index(stage, "stage", self.n_stages)
 
     def forward(self, stage: int) -> float:
         """Seconds for one microbatch forward through body stage ``stage``."""

@@ -12,7 +12,6 @@ The diagonal holds the link between two distinct nodes of the same region.
 import csv
 import dataclasses
 import io
-import operator
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Self
 
 import numpy as np
 
-from decjax.sim._checks import count, nonneg, positive
+from decjax.sim._checks import count, index, nonneg, positive
 
 GIB = 2**30
 _MS = 1e-3
@@ -122,15 +121,7 @@ class Network:
             except ValueError:
                 raise ValueError(f"unknown region {region!r}; known regions: "
                                  f"{', '.join(self.regions)}") from None
-        if isinstance(region, bool):
-            raise ValueError(f"region must be a name or an index, got {region!r}")
-        try:
-            i = operator.index(region)
-        except TypeError:
-            raise ValueError(f"region must be a name or an index, got {region!r}") from None
-        if not 0 <= i < self.n_regions:
-            raise ValueError(f"region index must be in [0, {self.n_regions}), got {i}")
-        return i
+        return index(region, "region index", self.n_regions)
 
     def transfer_seconds(self, a: Region, b: Region, nbytes: float) -> float:
         """Seconds to move ``nbytes`` from region ``a`` to region ``b`` (names or indices)."""
@@ -323,15 +314,7 @@ class Placement:
         return int(self.node_regions.shape[0])
 
     def _node(self, node, name: str = "node") -> int:
-        if isinstance(node, bool):
-            raise ValueError(f"{name} must be an integer node index, got {node!r}")
-        try:
-            k = operator.index(node)
-        except TypeError:
-            raise ValueError(f"{name} must be an integer node index, got {node!r}") from None
-        if not 0 <= k < self.n_nodes:
-            raise ValueError(f"{name} must be in [0, {self.n_nodes}), got {k}")
-        return k
+        return index(node, name, self.n_nodes)
 
     def region_of(self, node: int) -> str:
         """Region name of ``node``."""
