@@ -1,5 +1,10 @@
-"""Optimizers: per-stage transformations over the staged layout."""
+"""Optimizers: per-stage transformations, NoLoCo and DiLoCo, and the replica helpers."""
 
+from decjax.optim.diloco import PRESETS as DILOCO_PRESETS
+from decjax.optim.diloco import DiLoCoState, diloco
+from decjax.optim.noloco import NoLoCoState, StabilityWarning, noloco, stability_window
+from decjax.optim.outer import OuterState
+from decjax.optim.replicas import replicate, shard_replicas, stack_replicas
 from decjax.optim.staged import (
     PerStageState,
     decay_mask,
@@ -10,10 +15,21 @@ from decjax.optim.staged import (
 )
 
 __all__ = [
+    "DILOCO_PRESETS",
+    "DiLoCoState",
+    "NoLoCoState",
+    "OuterState",
     "PerStageState",
+    "StabilityWarning",
     "decay_mask",
+    "diloco",
+    "noloco",
     "per_stage",
+    "replicate",
     "reset_stage",
+    "shard_replicas",
+    "stability_window",
+    "stack_replicas",
     "stage_adamw",
     "stage_grad_norms",
 ]
