@@ -177,3 +177,29 @@ def test_bad_routes_are_rejected():
         routed_replica_loss(MODEL, params_R, rows, np.zeros((1, R, B), np.int32))
     with pytest.raises(ValueError, match="permutation"):
         routed_replica_loss(MODEL, params_R, rows, np.zeros((2, R, B), np.int32))
+
+
+def test_noloco_trains_replicas_along_random_routes():
+    """Pipeline x data parallel NoLoCo: routed gradients outside, the vmapped update inside."""
+    from decjax.optim import noloco, replicate
+
+    tx = noloco(optax.adam(3e-2), sync_every=2, group_size=R)
+    params_R = stack_replicas(MODEL.init(jax.random.key(0)), R)
+    rows = _rows()
+
+    @jax.jit
+    def train_step(params_R, opt_state, key):
+        routes = random_replica_routes(key, R, MODEL.n_stages, B)
+        loss, grads_R = jax.value_and_grad(_objective)(params_R, rows, routes)
+        step = replicate(lambda g, s, p: tx.update(g, s, p))
+        updates, opt_state = step(grads_R, opt_state, params_R)
+        return optax.apply_updates(params_R, updates), opt_state, loss
+
+    opt_state = jax.jit(replicate(tx.init))(params_R)
+    params_R, opt_state, first = train_step(params_R, opt_state, jax.random.key(1))
+    with log_compilations() as compiled:
+        for step in range(2, 12):
+            params_R, opt_state, loss = train_step(params_R, opt_state, jax.random.key(step))
+    assert "train_step" not in compiled
+    assert float(loss) < 0.7 * float(first)
+    assert int(opt_state.round[0]) == 5

@@ -19,6 +19,12 @@ stage, hence ``S - 1`` boundaries (none for ``S = 1``).
 
 Gradients follow the same path back: the moves are gathers, whose transpose sends each
 cotangent to the replica the sample came from. Evaluate with :func:`identity_replica_routes`.
+
+The reference (``gensyn-ai/noloco``, ``dipaco_pipeline.py``) sends activations between
+processes; this single-program form (stacked replicas, a gather per stage boundary) is our
+reconstruction of the same routing rule, not a port of its transport. A NoLoCo training step
+differentiates :func:`routed_replica_loss` over all replicas and then runs the optimizer under
+``decjax.optim.replicate``.
 """
 
 import jax

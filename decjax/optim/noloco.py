@@ -87,7 +87,8 @@ def noloco(
 
     With ``gamma=None`` (:math:`\gamma = \beta`, the reference setting) the step simplifies to
     :math:`\delta_i \leftarrow \alpha\delta_i + \beta(\mathrm{mean}_G\theta_j - \phi_i)`, so a
-    replica only needs its peers' fast weights: one parameter-sized message per peer. Any
+    replica only needs its peers' fast weights: one parameter-sized message per peer (our
+    algebraic simplification; the reference code exchanges anchor and step separately). Any
     other ``gamma`` also exchanges the anchors. The anchor and momentum are float32 whatever
     the parameter dtype; the inner state is kept across outer steps.
 
