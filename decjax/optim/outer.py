@@ -39,8 +39,9 @@ class OuterState(NamedTuple):
     round: jax.Array
 
 
-def float32(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+def float32_copy(tree: Any) -> Any:
+    """A float32 copy that never shares buffers with ``tree`` (so both can be donated)."""
+    return jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), tree)
 
 
 def periodic_outer_step(
@@ -54,9 +55,9 @@ def periodic_outer_step(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-        anchor = float32(params)
-        zero = jnp.zeros([], jnp.int32)
-        return OuterState(inner.init(params), anchor, outer_init(anchor), zero, zero)
+        anchor = float32_copy(params)
+        return OuterState(inner.init(params), anchor, outer_init(anchor),
+                          jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32))
 
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
