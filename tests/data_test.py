@@ -363,6 +363,14 @@ def test_shards_are_disjoint_and_cover_all_rows():
     assert sum(len(s) for s in seen) == 31
 
 
+def test_shards_do_not_read_in_lockstep():
+    """Equal shards shuffled alike would give every replica neighbouring rows at each step."""
+    data = unique_rows_data(num_rows=400)
+    firsts = [row_ids(next(D.train_iterator(data, batch_size=1, seed=0, shard_index=shard,
+                                            num_shards=4)))[0] // 4 for shard in range(4)]
+    assert len(set(firsts)) > 1, firsts
+
+
 def test_invalid_shards_are_rejected():
     data = unique_rows_data(num_rows=4)
     with pytest.raises(ValueError, match="shard_index"):

@@ -17,3 +17,22 @@ def test_checkfree_quick_grid_writes_table_and_plot(tmp_path):
         assert f"| 33% | {label} |" in table
     assert (tmp_path / "val_loss_rate33.png").stat().st_size > 1000
     assert "plots:" in result.stdout
+
+
+def test_noloco_quick_grid_writes_table_and_plots_and_resumes(tmp_path):
+    command = [sys.executable, "experiments/noloco/run.py", "--grid=quick", "--steps=10",
+               f"--out={tmp_path}"]
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    table = (tmp_path / "quick.md").read_text()
+    for label in ("data parallel", "DiLoCo, heavy-ball 0.3", "DiLoCo, Nesterov 0.9",
+                  "NoLoCo, pairs"):
+        assert f"| 4 | {label} |" in table
+    assert "NoLoCo vs DiLoCo" in table
+    for plot in ("quick_val_loss_R4.png", "quick_communication.png"):
+        assert (tmp_path / plot).stat().st_size > 1000
+    assert len(list((tmp_path / "runs").glob("*/result.json"))) == 4
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "done " not in again.stdout  # every finished run was reused, none retrained
+    assert (tmp_path / "quick.md").read_text() == table

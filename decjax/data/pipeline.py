@@ -335,10 +335,13 @@ def _check_positive(name: str, value) -> int:
     return int(value)
 
 
-def _grain_seed(seed: int) -> int:
+def _grain_seed(seed: int, shard_index: int) -> int:
     # grain reshuffles epoch e with seed + e, so seeds s and s + 1 would replay each other's
-    # epochs one apart; hashing the seed first decorrelates neighbouring seeds.
-    return int(np.random.SeedSequence(seed).generate_state(1, np.uint32)[0])
+    # epochs one apart; hashing the seed first decorrelates neighbouring seeds. Every shard
+    # also needs its own order: equal shards ``i::n`` shuffled alike move in lockstep, so at
+    # each step all shards would read neighbouring rows of the same document.
+    entropy = seed if shard_index == 0 else [seed, shard_index]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint32)[0])
 
 
 def train_iterator(
@@ -354,7 +357,8 @@ def train_iterator(
 
     Shard ``i`` of ``n`` (one per data-parallel replica or data node) owns rows ``i, i + n, ...``,
     so shards are disjoint, cover all rows, and each only ever sees its own rows. Within a shard,
-    rows are shuffled with ``seed``, reshuffled every epoch, and batched across epoch boundaries;
+    rows are shuffled with ``seed`` (mixed with the shard index, so that shards do not move in
+    lockstep), reshuffled every epoch, and batched across epoch boundaries;
     a batch larger than the shard repeats rows. Everything runs in this process (no worker
     processes; at most ``prefetch`` batches are read ahead by threads), so the order depends
     only on the arguments.
@@ -390,7 +394,7 @@ def train_iterator(
         raise ValueError(f"prefetch={prefetch!r} must be a non-negative integer")
     dataset = (
         grain.MapDataset.source(data.train)[int(shard_index) :: num_shards]
-        .shuffle(_grain_seed(int(seed)))
+        .shuffle(_grain_seed(int(seed), int(shard_index)))
         .repeat()
         .batch(batch_size, drop_remainder=True)
     )

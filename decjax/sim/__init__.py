@@ -2,11 +2,20 @@
 
 Real losses come from real training; what one machine cannot be — many nodes in many
 regions on slow links, with churn — is modelled here from published figures. Nothing in
-this package touches JAX devices, so it can be used for planning on any machine.
+this package touches JAX devices (except :func:`noloco_groups`, which repeats the NoLoCo
+optimizer's JAX draw), so it can be used for planning on any machine.
 
 Print a config's simulated iteration time with ``python -m decjax.sim --config=...``.
 """
 
+from decjax.sim.communication import (
+    RUN_METHODS,
+    SYNC_METHODS,
+    RunCommunication,
+    noloco_groups,
+    run_communication,
+    sync_cost,
+)
 from decjax.sim.cost import (
     ComputeCost,
     activation_bytes,
@@ -46,12 +55,15 @@ from decjax.sim.network import (
 
 __all__ = [
     "ALLREDUCES",
+    "RUN_METHODS",
     "SCHEDULES",
+    "SYNC_METHODS",
     "ComputeCost",
     "Estimate",
     "FailureTrace",
     "Network",
     "Placement",
+    "RunCommunication",
     "activation_bytes",
     "allreduce",
     "bernoulli_trace",
@@ -65,12 +77,15 @@ __all__ = [
     "iteration_time",
     "measure_flops_per_second",
     "mtbf_trace",
+    "noloco_groups",
     "pipeline_makespan",
     "place_explicit",
     "place_random",
     "place_round_robin",
     "ring_allreduce",
+    "run_communication",
     "stage_forward_flops",
     "stage_grid",
+    "sync_cost",
     "tree_allreduce",
 ]
