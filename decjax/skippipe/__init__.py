@@ -20,18 +20,60 @@ from decjax.skippipe.paths import (
     validate,
     violations,
 )
+from decjax.skippipe.simulate import (
+    KINDS,
+    PRIORITIES,
+    REFERENCE_MEMORY,
+    REFERENCE_TASK_GAP_S,
+    Timeline,
+    baseline_makespan,
+    makespan,
+    simulate,
+)
 
 __all__ = [
     "IO",
+    "KINDS",
+    "PRIORITIES",
+    "REFERENCE_MEMORY",
+    "REFERENCE_TASK_GAP_S",
     "RULES",
     "Schedule",
     "ScheduleError",
+    "Timeline",
+    "baseline_makespan",
     "full_pipeline_schedule",
     "legal_paths",
+    "makespan",
     "path_length",
     "path_violations",
     "round_robin_schedule",
+    "simulate",
     "stage_major_allocation",
     "validate",
     "violations",
+]
+
+from decjax.skippipe.train import (  # noqa: E402
+    CHOICES,
+    NORMALIZATIONS,
+    eval_with_omitted_stages,
+    kept_stages,
+    make_skippipe_train_step,
+    normalize_stage_grads,
+    omitted_stage_route,
+    rotating_schedules,
+    visits_per_stage,
+)
+
+__all__ += [
+    "CHOICES",
+    "NORMALIZATIONS",
+    "eval_with_omitted_stages",
+    "kept_stages",
+    "make_skippipe_train_step",
+    "normalize_stage_grads",
+    "omitted_stage_route",
+    "rotating_schedules",
+    "visits_per_stage",
 ]

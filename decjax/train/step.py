@@ -6,6 +6,7 @@ microbatches, runs microbatch ``m`` along ``route_MP[m]``, accumulates gradients
 optimizer. The route is an argument, so a new route of the same shape does not recompile.
 """
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -58,12 +59,19 @@ def accumulate_grads(model: StagedLlama, params: Params, rows_MBT1, route_MP):
     return loss_sum / n, jax.tree.map(lambda g: g / n, grad_sum)
 
 
-def make_train_step(model: StagedLlama, tx: optax.GradientTransformation):
-    """Returns the pure ``train_step(state, rows_BT1, route_MP) -> (state, metrics)``."""
+def make_train_step(model: StagedLlama, tx: optax.GradientTransformation, *,
+                    grad_transform: Callable[[Params, jax.Array], Params] | None = None):
+    """Returns the pure ``train_step(state, rows_BT1, route_MP) -> (state, metrics)``.
+
+    ``grad_transform(grads, route_MP) -> grads``, if given, rewrites the mean gradient before
+    the optimizer and the norm metrics (e.g. SkipPipe's per-stage visitor normalisation).
+    """
 
     def train_step(state: TrainState, rows_BT1: jax.Array, route_MP: jax.Array):
         rows_MBT1 = split_microbatches(rows_BT1, route_MP.shape[0])
         loss, grads = accumulate_grads(model, state.params, rows_MBT1, route_MP)
+        if grad_transform is not None:
+            grads = grad_transform(grads, route_MP)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         io_norm, body_norms = stage_grad_norms(grads)
