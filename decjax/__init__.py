@@ -1,6 +1,6 @@
 """decjax: training language models on decentralized, cheap, failure-prone nodes."""
 
-from decjax import checkfree, models, optim, sim, skippipe, tree, types
+from decjax import checkfree, models, optim, sim, tree, types
 from decjax.models import LlamaConfig, StagedLlama, full_route
 from decjax.optim import diloco, noloco, per_stage, replicate, reset_stage, stage_adamw
 
@@ -19,7 +19,6 @@ __all__ = [
     "replicate",
     "reset_stage",
     "sim",
-    "skippipe",
     "stage_adamw",
     "tree",
     "types",
