@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from absl import app, flags
 from flax import nnx
+from plain import VOCAB, plain_train_step
 
 from decjax.models import Llama, LlamaConfig, preset
 from decjax.optim import noloco, stack_replicas
@@ -46,7 +47,6 @@ flags.DEFINE_multi_enum("variants", ["train", "update"], ["train", "update"],
                         "What to time: the full train step, the optimizer update alone.")
 flags.DEFINE_bool("record", False, "Append the results to bench/results/noloco_step.jsonl.")
 
-VOCAB = 258  # the byte tokenizer's vocabulary
 GOAL = 1.03
 WARMUP_STEPS = 2
 
@@ -61,21 +61,6 @@ def adamw() -> optax.GradientTransformation:
     return optax.adamw(3e-4, weight_decay=0.1)
 
 
-def train_step(cfg: LlamaConfig, tx: optax.GradientTransformation):
-    """The textbook NNX functional step: ``state = (params, opt_state)``, one batch of rows."""
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0))))
-
-    def loss_fn(params, rows):
-        logits = nnx.merge(graphdef, params)(rows[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, rows[:, 1:]).mean()
-
-    def step(state, rows):
-        params, opt_state = state
-        loss, grads = jax.value_and_grad(loss_fn)(params, rows)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
-
-    return step
 
 
 def update_step(tx: optax.GradientTransformation):
@@ -138,7 +123,7 @@ def build_pairs(cfg: LlamaConfig, params, sync_every: int) -> dict:
         "plain": lambda axis_name: adamw(),
         "noloco": lambda axis_name: noloco(adamw(), sync_every=sync_every, axis_name=axis_name),
     }
-    kinds = [("train", lambda tx: train_step(cfg, tx), rows, FLAGS.steps),
+    kinds = [("train", lambda tx: plain_train_step(cfg, tx), rows, FLAGS.steps),
              ("update", update_step, grads, FLAGS.update_steps)]
     pairs = {}
     for kind, make_step, batches, n_steps in kinds:

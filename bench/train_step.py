@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from absl import app, flags
 from flax import nnx
+from plain import VOCAB, plain_train_step
 
 from decjax.models import Llama, LlamaConfig, StagedLlama, flops_per_token, full_route, preset
 from decjax.optim import stage_adamw
@@ -42,24 +43,8 @@ flags.DEFINE_bool("record", False, "Append the results to bench/results/train_st
 # Dense bf16 peak FLOP/s of GPUs we may be lent; MFU is reported only for these.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
-VOCAB = 258  # the byte tokenizer's vocabulary
 
 
-def plain_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation):
-    """The textbook NNX functional step: split once, value_and_grad over the whole batch."""
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0))))
-
-    def loss_fn(params, rows):
-        logits = nnx.merge(graphdef, params)(rows[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, rows[:, 1:]).mean()
-
-    def step(state, rows):
-        params, opt_state = state
-        loss, grads = jax.value_and_grad(loss_fn)(params, rows)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
-
-    return step
 
 
 def time_steps(step, state, args, n_steps: int) -> tuple[float, object]:
