@@ -23,14 +23,13 @@ import time
 
 from absl import app, flags
 
-from decjax.sim import ComputeCost, Network, activation_bytes, place_round_robin
 from decjax.skippipe import (
     baseline_makespan,
     full_pipeline_schedule,
     makespan,
+    reference_instance,
     round_robin_schedule,
     simulate,
-    stage_major_allocation,
 )
 
 FLAGS = flags.FLAGS
@@ -43,7 +42,6 @@ flags.DEFINE_integer("microbatches", 30, "Microbatches per iteration.")
 flags.DEFINE_integer("repeats", 200, "Simulations per timing round.")
 flags.DEFINE_integer("rounds", 5, "Timing rounds (median is reported).")
 
-PARTITION = [5, 3, 3, 3, 3, 3]
 SKIP = 1 / 3
 
 
@@ -60,11 +58,7 @@ def seconds_per_call(fn) -> float:
 
 def main(argv):
     del argv
-    alloc = stage_major_allocation(PARTITION)
-    place = place_round_robin(Network.gcp12(variant=FLAGS.variant, hop_overhead_s=0.35),
-                              alloc.size)
-    cost = ComputeCost.reference(len(PARTITION) - 1, layers_per_stage=4, samples_per_microbatch=8)
-    nbytes = activation_bytes(d_model=1024, seq_len=1024, samples=8)
+    alloc, place, cost, nbytes = reference_instance(variant=FLAGS.variant)
     options = dict(activation_bytes=nbytes, task_gap_s=FLAGS.gap, priority=FLAGS.priority,
                    memory=FLAGS.memory or None)
     skip = round_robin_schedule(alloc, FLAGS.microbatches, SKIP)

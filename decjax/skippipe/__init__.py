@@ -1,7 +1,9 @@
 """SkipPipe: partial and reordered pipelines, each microbatch on its own scheduled path.
 
-Path rules and the per-iteration :class:`Schedule` (spec skippipe.md §2.2, §2.7), plus simple
-rule-abiding schedules; ``Schedule.route()`` feeds ``StagedLlama.forward``.
+Path rules and the per-iteration :class:`Schedule` (spec skippipe.md §2.2, §2.7), rule-abiding
+schedules, the event-based makespan simulator, the collision-aware planner with lower bounds,
+training along scheduled paths (``Schedule.route()`` feeds ``StagedLlama``), and evaluation
+with omitted stages.
 """
 
 from decjax.skippipe.builders import (
@@ -20,41 +22,28 @@ from decjax.skippipe.paths import (
     validate,
     violations,
 )
+from decjax.skippipe.scheduler import (
+    cpsat_bound,
+    exhaustive_plan,
+    lower_bound,
+    path_latency,
+    plan,
+    rotating_plans,
+)
 from decjax.skippipe.simulate import (
     KINDS,
     PRIORITIES,
     REFERENCE_MEMORY,
+    REFERENCE_PARTITION,
     REFERENCE_TASK_GAP_S,
+    Instance,
     Timeline,
     baseline_makespan,
     makespan,
+    reference_instance,
     simulate,
 )
-
-__all__ = [
-    "IO",
-    "KINDS",
-    "PRIORITIES",
-    "REFERENCE_MEMORY",
-    "REFERENCE_TASK_GAP_S",
-    "RULES",
-    "Schedule",
-    "ScheduleError",
-    "Timeline",
-    "baseline_makespan",
-    "full_pipeline_schedule",
-    "legal_paths",
-    "makespan",
-    "path_length",
-    "path_violations",
-    "round_robin_schedule",
-    "simulate",
-    "stage_major_allocation",
-    "validate",
-    "violations",
-]
-
-from decjax.skippipe.train import (  # noqa: E402
+from decjax.skippipe.train import (
     CHOICES,
     NORMALIZATIONS,
     eval_with_omitted_stages,
@@ -66,14 +55,43 @@ from decjax.skippipe.train import (  # noqa: E402
     visits_per_stage,
 )
 
-__all__ += [
+__all__ = [
+    "REFERENCE_PARTITION",
+    "Instance",
+    "reference_instance",
     "CHOICES",
+    "IO",
+    "KINDS",
     "NORMALIZATIONS",
+    "PRIORITIES",
+    "REFERENCE_MEMORY",
+    "REFERENCE_TASK_GAP_S",
+    "RULES",
+    "Schedule",
+    "ScheduleError",
+    "Timeline",
+    "baseline_makespan",
+    "cpsat_bound",
     "eval_with_omitted_stages",
+    "exhaustive_plan",
+    "full_pipeline_schedule",
     "kept_stages",
+    "legal_paths",
+    "lower_bound",
     "make_skippipe_train_step",
+    "makespan",
     "normalize_stage_grads",
     "omitted_stage_route",
+    "path_latency",
+    "path_length",
+    "path_violations",
+    "plan",
+    "rotating_plans",
     "rotating_schedules",
+    "round_robin_schedule",
+    "simulate",
+    "stage_major_allocation",
+    "validate",
+    "violations",
     "visits_per_stage",
 ]

@@ -36,14 +36,15 @@ before any backward) is a fixed plan that no priority among ready tasks reproduc
 import dataclasses
 import heapq
 import math
+from typing import NamedTuple
 
 import numpy as np
 
 from decjax.sim._checks import nonneg
-from decjax.sim.cost import ComputeCost
+from decjax.sim.cost import ComputeCost, activation_bytes
 from decjax.sim.estimators import Estimate
-from decjax.sim.network import Placement
-from decjax.skippipe.builders import full_pipeline_schedule
+from decjax.sim.network import Network, Placement, place_round_robin
+from decjax.skippipe.builders import full_pipeline_schedule, stage_major_allocation
 from decjax.skippipe.paths import IO, Schedule
 
 KINDS = ("io_forward", "forward", "loss", "backward", "io_backward")
@@ -307,3 +308,32 @@ def baseline_makespan(schedule: Schedule, placement: Placement, cost: ComputeCos
         raise ValueError(f"schedule must be a Schedule, got {type(schedule).__name__}")
     full = full_pipeline_schedule(schedule.node_stage, schedule.n_microbatches)
     return makespan(full, placement, cost, activation_bytes=activation_bytes, **options)
+
+
+REFERENCE_PARTITION = (5, 3, 3, 3, 3, 3)  # io nodes, then the nodes of each body stage
+
+
+class Instance(NamedTuple):
+    """Where and at what cost a schedule runs: the arguments every planner call shares."""
+
+    allocation: np.ndarray
+    placement: Placement
+    cost: ComputeCost
+    activation_bytes: float
+
+
+def reference_instance(partition=REFERENCE_PARTITION, *, variant: str = "checkfree") -> Instance:
+    """The SkipPipe evaluation setting (spec skippipe.md §2.1, §3) for a stage-major partition.
+
+    Node ``k`` sits in GCP region ``k % 12`` with 0.35 s per hop, each body stage holds 4 of the
+    reference's layers (``w = 1.76`` s forward per microbatch of 8 samples), and a hop carries
+    32 MiB of activations (d_model 1024, 1024 tokens, 8 samples). The default partition is the
+    reference instance: 20 nodes, 5 io nodes and 5 body stages of 3 nodes.
+    """
+    allocation = stage_major_allocation(list(partition))
+    placement = place_round_robin(Network.gcp12(variant=variant, hop_overhead_s=0.35),
+                                  allocation.size)
+    cost = ComputeCost.reference(len(partition) - 1, layers_per_stage=4,
+                                 samples_per_microbatch=8)
+    return Instance(allocation, placement, cost,
+                    activation_bytes(d_model=1024, seq_len=1024, samples=8))

@@ -1,0 +1,147 @@
+"""SkipPipe planner on the reference instance: wall time, makespans, reductions, bound and gap.
+
+The reference instance, :func:`decjax.skippipe.reference_instance` (spec skippipe.md §2.1,
+§3): 20 nodes, partition ``[5, 3, 3, 3, 3, 3]`` allocated stage-major, node ``k`` in GCP
+region ``k % 12``, 0.35 s per hop, ``w = 1.76`` s, 32 MiB per hop, 30 microbatches, 33 % skip,
+memory 3, FIFO.
+Every schedule runs on the same allocation, so the full-pipeline baseline does too (the
+reference's DT-FM baseline uses its GCMA allocation instead, §2.3). Rows:
+
+* full pipelines: :func:`baseline_makespan` (3 pipelines x 10 microbatches);
+* round robin: balanced skipping without network awareness (the reference's "random");
+* planned, unaware: :func:`plan` with ``collision_aware=False`` (link seconds only, no TC2);
+* planned, aware: :func:`plan` (simulated makespan, the reference's SkipPipe with TC2);
+* rotation: the mean and worst of :func:`rotating_plans` (fixed round-robin stage sets).
+
+The lower bound is :func:`lower_bound`; "vs bound" = makespan / bound - 1, the gap. Planner
+wall time is per call (the collision-aware call includes its latency phase), on whatever cores
+this machine has. ``--exact`` (default on) then compares, on small instances, the bound, the
+CP-SAT relaxation's bound (:func:`cpsat_bound`, when ``ortools`` is installed), the optimum
+(:func:`exhaustive_plan` where it can enumerate, else CP-SAT-proven) and the planner.
+
+    python bench/skippipe_planner.py
+    python bench/skippipe_planner.py --evaluations=20000 --budget=60 --seeds=3
+"""
+
+import time
+
+from absl import app, flags
+
+from decjax.skippipe import (
+    baseline_makespan,
+    cpsat_bound,
+    exhaustive_plan,
+    lower_bound,
+    makespan,
+    path_latency,
+    plan,
+    reference_instance,
+    rotating_plans,
+    round_robin_schedule,
+    validate,
+)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("variant", "checkfree", ["checkfree", "skippipe"],
+                  "GCP table: corrected NL-London bandwidth, or skippipe's typo.")
+flags.DEFINE_float("gap", 0.0, "Seconds a node stays busy after each task (reference 0.13).")
+flags.DEFINE_integer("memory", 3, "Activation slots per node; 0 for no cap.")
+flags.DEFINE_enum("priority", "fifo", ["fifo", "backward"], "Task priority on a node.")
+flags.DEFINE_integer("microbatches", 30, "Microbatches per iteration.")
+flags.DEFINE_integer("evaluations", 4000, "Planner's simulated candidates (max_evaluations).")
+flags.DEFINE_float("budget", 9.0, "Planner's time budget in seconds.")
+flags.DEFINE_integer("seeds", 1, "Planner seeds to run (seeds 0..n-1); all are printed.")
+flags.DEFINE_integer("rotation", 5, "Rotating schedules to plan (0 to skip).")
+
+flags.DEFINE_bool("exact", True, "Also compare bounds, optimum and planner on small instances.")
+flags.DEFINE_float("cpsat_s", 20.0, "CP-SAT time limit per small instance (needs ortools).")
+
+SKIP = 1 / 3
+SMALL = [([2, 2, 2, 2], 3, 0.25), ([2, 1, 1, 1], 3, 0.25), ([2, 2, 2], 4, 1 / 3),
+         ([3, 2, 2, 2], 6, 0.25), ([3, 2, 2, 2], 12, 0.25)]
+
+
+def main(argv):
+    del argv
+    alloc, place, cost, nbytes = reference_instance(variant=FLAGS.variant)
+    n_stages = int(alloc.max()) + 1
+    sim = dict(task_gap_s=FLAGS.gap, priority=FLAGS.priority, memory=FLAGS.memory or None)
+    args = dict(n_microbatches=FLAGS.microbatches, skip_ratio=SKIP, activation_bytes=nbytes)
+    search = dict(max_evaluations=FLAGS.evaluations, time_budget_s=FLAGS.budget)
+
+    def seconds(schedule):
+        validate(schedule, n_stages=n_stages, skip_ratio=SKIP)
+        return makespan(schedule, place, cost, activation_bytes=nbytes, **sim).seconds
+
+    rr = round_robin_schedule(alloc, FLAGS.microbatches, SKIP)
+    base = baseline_makespan(rr, place, cost, activation_bytes=nbytes, **sim).seconds
+    bound = lower_bound(alloc, place, cost, **args, **sim)
+    print(f"{place.network.summary()}\n{FLAGS.microbatches} microbatches, 33% skip, memory "
+          f"{FLAGS.memory or 'uncapped'}, priority {FLAGS.priority}, task gap {FLAGS.gap} s, "
+          f"planner {FLAGS.evaluations} evaluations / {FLAGS.budget} s\n")
+    print(f"{'schedule':<26} {'makespan s':>10} {'vs full':>8} {'vs bound':>8} "
+          f"{'link s':>8} {'plan s':>7}")
+
+    def row(name, sec, link=float("nan"), wall=float("nan"), skips=True):
+        gap = f"{sec / bound - 1:>+8.1%}" if skips else f"{'n/a':>8}"  # bound assumes skipping
+        print(f"{name:<26} {sec:>10.2f} {sec / base - 1:>+8.1%} {gap} {link:>8.1f} {wall:>7.2f}")
+
+    row("full pipelines", base, skips=False)
+    row("round robin (unaware)", seconds(rr), path_latency(rr, place, nbytes))
+    for seed in range(FLAGS.seeds):
+        for aware in (False, True):
+            start = time.perf_counter()
+            s = plan(alloc, place, cost, **args, collision_aware=aware, seed=seed, **search,
+                     **sim)
+            wall = time.perf_counter() - start
+            name = f"planned, {'aware' if aware else 'unaware'}, seed {seed}"
+            row(name, seconds(s), path_latency(s, place, nbytes), wall)
+    if FLAGS.rotation:
+        start = time.perf_counter()
+        plans = rotating_plans(alloc, place, cost, **args, count=FLAGS.rotation, **search,
+                               **sim)
+        wall = (time.perf_counter() - start) / len(plans)
+        secs = [seconds(s) for s in plans]
+        row(f"rotation of {len(plans)}, mean", sum(secs) / len(secs), wall=wall)
+        row(f"rotation of {len(plans)}, worst", max(secs))
+    print(f"lower bound {bound:.2f} s ({bound / base - 1:+.1%} vs full pipelines); reference "
+          "planner on its own allocation: -43% random, -52% without TC2, -59% SkipPipe "
+          "(spec §4)")
+    if FLAGS.exact:
+        small_instances(sim)
+
+
+def small_instances(sim):
+    """Bounds, exhaustive optimum (where few enough schedules) and planner on small instances."""
+    try:
+        import ortools  # noqa: F401
+        solver = True
+    except ImportError:
+        solver = False
+    print(f"\n{'small instance':<26} {'bound':>8} {'CP-SAT':>8} {'optimum':>8} {'planned':>8} "
+          f"{'gap':>6}")
+    for sizes, m, skip in SMALL:
+        alloc, place, cost, nbytes = reference_instance(sizes, variant=FLAGS.variant)
+        args = dict(n_microbatches=m, skip_ratio=skip, activation_bytes=nbytes, **sim)
+        ours = plan(alloc, place, cost, **args)
+        ours_s = makespan(ours, place, cost, activation_bytes=nbytes, **sim).seconds
+        bound = lower_bound(alloc, place, cost, **args)
+        cp = optimal = float("nan")
+        if solver:
+            cp, _, proven = cpsat_bound(alloc, place, cost, **args, hint=ours,
+                                        time_limit_s=FLAGS.cpsat_s)
+            optimal = ours_s if proven and ours_s <= cp + 0.01 else float("nan")
+        try:
+            optimal = exhaustive_plan(alloc, place, cost, **args)[1]
+        except ValueError:  # too many schedules to enumerate
+            pass
+        best = max(bound, cp if cp == cp else 0)
+        name = f"{sizes} x {m}, skip {skip:.2f}"
+        print(f"{name:<26} {bound:>8.2f} {cp:>8.2f} {optimal:>8.2f} {ours_s:>8.2f} "
+              f"{ours_s / best - 1:>+6.1%}")
+    print("gap = planned / max(bound, CP-SAT) - 1; optimum: exhaustive, or CP-SAT-proven when "
+          "it equals the plan")
+
+
+if __name__ == "__main__":
+    app.run(main)
