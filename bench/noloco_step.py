@@ -18,6 +18,7 @@ ran. Goal: ``ratio = noloco / plain`` (seconds per step) <= 1.03.
     python bench/noloco_step.py --record            # append to bench/results/noloco_step.jsonl
 """
 
+import functools
 import json
 import pathlib
 import resource
@@ -45,6 +46,7 @@ flags.DEFINE_integer("update_steps", 30, "Timed optimizer-only steps per round."
 flags.DEFINE_integer("rounds", 9, "Interleaved timing rounds (median is reported).")
 flags.DEFINE_multi_enum("variants", ["train", "update"], ["train", "update"],
                         "What to time: the full train step, the optimizer update alone.")
+flags.DEFINE_bool("sync_hint", False, "Pass sync=False to every NoLoCo update (no lax.cond).")
 flags.DEFINE_bool("record", False, "Append the results to bench/results/noloco_step.jsonl.")
 
 GOAL = 1.03
@@ -61,6 +63,12 @@ def adamw() -> optax.GradientTransformation:
     return optax.adamw(3e-4, weight_decay=0.1)
 
 
+def noloco_adamw(sync_every: int, axis_name: str | None) -> optax.GradientTransformation:
+    """``noloco(adamw)``; with ``--sync_hint`` every update is told statically it does not sync."""
+    tx = noloco(adamw(), sync_every=sync_every, axis_name=axis_name)
+    if not FLAGS.sync_hint:
+        return tx
+    return optax.GradientTransformationExtraArgs(tx.init, functools.partial(tx.update, sync=False))
 
 
 def update_step(tx: optax.GradientTransformation):
@@ -121,7 +129,7 @@ def build_pairs(cfg: LlamaConfig, params, sync_every: int) -> dict:
                                for k, x in zip(grad_keys, leaves, strict=True)])
     optimizers = {
         "plain": lambda axis_name: adamw(),
-        "noloco": lambda axis_name: noloco(adamw(), sync_every=sync_every, axis_name=axis_name),
+        "noloco": lambda axis_name: noloco_adamw(sync_every, axis_name),
     }
     kinds = [("train", lambda tx: plain_train_step(cfg, tx), rows, FLAGS.steps),
              ("update", update_step, grads, FLAGS.update_steps)]
@@ -183,7 +191,8 @@ def main(argv):
     device = jax.devices()[0]
     print(f"device: {device.device_kind} x{jax.device_count()}, jax {jax.__version__}, "
           f"size={FLAGS.size} ({n_params / 1e6:.2f}M params), batch={FLAGS.batch}x{seq_len} "
-          f"tokens per replica, float32, sync_every={sync_every} (no outer step runs)")
+          f"tokens per replica, float32, sync_every={sync_every} (no outer step runs)"
+          f"{', sync=False passed to every update' if FLAGS.sync_hint else ''}")
     print(f"{'variant':<12}{'plain steps/s':>15}{'noloco steps/s':>16}{'ratio':>8}"
           f"{'per-round ratios':>18}{'page faults/step':>20}")
     records = []
@@ -201,7 +210,8 @@ def main(argv):
             ratio=loco / plain, per_round_ratios=per_round, plain_page_faults_per_step=faults[0],
             noloco_page_faults_per_step=faults[1], goal=GOAL, jax=jax.__version__,
             device=device.device_kind, size=FLAGS.size, n_params=n_params, batch=FLAGS.batch,
-            seq_len=seq_len, replicas=FLAGS.replicas, steps=pairs[variant]["steps"],
+            seq_len=seq_len, replicas=FLAGS.replicas, sync_hint=FLAGS.sync_hint,
+            steps=pairs[variant]["steps"],
             rounds=FLAGS.rounds, sync_every=sync_every, dtype="float32",
         ))
     print(f"ratio = noloco / plain seconds per step (median over rounds); goal <= {GOAL}")

@@ -364,3 +364,28 @@ def test_docstring_examples_run(module):
 
     result = doctest.testmod(sys.modules[module])
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_static_sync_flag_matches_the_cond_and_drops_it():
+    """A loop that knows its sync steps passes sync=...: same numbers, no cond in the step."""
+    tx = noloco(optax.sgd(INNER_LR), sync_every=3, gamma=0.9, group_size=4)
+
+    def make_step(**flag):
+        def step(params, state, targets):
+            grads = quadratic_grads(params, targets)
+            updates, state = tx.update(grads, state, params, **flag)
+            return optax.apply_updates(params, updates), state
+        return jax.jit(replicate(step))
+
+    params = stack_replicas(jax.tree.map(jnp.asarray, random_tree(0)), 8)
+    targets = jax.tree.map(jnp.asarray, random_tree(1, (8,)))
+    state = jax.jit(replicate(tx.init))(params)
+    with_cond, sync_step, local_step = make_step(), make_step(sync=True), make_step(sync=False)
+    cond_params, cond_state = params, state
+    for step in range(1, 10):
+        cond_params, cond_state = with_cond(cond_params, cond_state, targets)
+        params, state = (sync_step if step % 3 == 0 else local_step)(params, state, targets)
+        chex.assert_trees_all_close(params, cond_params, atol=1e-6)
+    assert int(state.round[0]) == 3
+    jaxpr = jax.make_jaxpr(replicate(lambda p, s: tx.update(p, s, p, sync=False)))(params, state)
+    assert "cond" not in {name for name, _ in _primitives(jaxpr.jaxpr)}

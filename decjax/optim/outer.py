@@ -5,6 +5,12 @@ weights, θ). Every update runs the inner optimizer; on every ``sync_every``-th 
 outer rule turns the fast weights reached after that step into a new anchor, and the update
 returned moves the parameters onto it. The outer step sits under ``lax.cond``, so its
 communication runs only on sync steps.
+
+The conditional costs a little on every step: XLA cannot fuse the inner update into
+``apply_updates`` across it (``bench/noloco_step.py``). A loop that knows which steps sync can
+pass ``sync=True`` / ``sync=False`` to ``update`` (a Python bool, so two compiled steps and no
+cond): a non-sync step is then exactly the inner step plus a counter. Keep ``sync`` in step with
+``sync_every``: ``sync=False`` on a step that reaches ``sync_every`` skips that outer step.
 """
 
 from collections.abc import Callable
@@ -59,10 +65,12 @@ def periodic_outer_step(
         return OuterState(inner.init(params), anchor, outer_init(anchor),
                           jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32))
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(updates, state, params=None, *, sync: bool | None = None, **extra_args):
         if params is None:
             raise ValueError("the outer step needs the current parameters: call "
                              "update(grads, state, params)")
+        if sync not in (None, True, False):
+            raise TypeError(f"sync={sync!r} must be a Python bool known when tracing, or None")
         updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
         count = state.count + 1
 
@@ -78,6 +86,8 @@ def periodic_outer_step(
         def inner_step(_):
             return updates, state._replace(inner=inner_state, count=count)
 
+        if sync is not None:  # the caller knows: no cond, so nothing to keep the step from fusing
+            return outer_step(None) if sync else inner_step(None)
         is_sync = replicas.uniform(count, axis_name) >= sync_every
         return lax.cond(is_sync, outer_step, inner_step, None)
 
