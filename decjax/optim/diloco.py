@@ -38,7 +38,8 @@ def diloco(
     direction, so it is fed to ``outer`` like a gradient) and step the shared anchor:
     :math:`\phi \leftarrow \phi + \mathrm{outer}(\Delta)`; every replica restarts from
     :math:`\phi`. The anchor and the outer state are float32 and identical on all replicas;
-    the inner state is kept.
+    the inner state is kept. ``update(..., sync=True | False)`` skips the ``lax.cond`` when the
+    loop knows its sync steps (:mod:`decjax.optim.outer`).
 
     The defaults are the original paper's (Nesterov, 0.7, 0.9, ``H`` = 500);
     ``diloco(inner, **PRESETS["noloco_paper"])`` is the baseline of the NoLoCo paper.

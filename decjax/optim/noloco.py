@@ -96,6 +96,8 @@ def noloco(
     with ``seed``, identical on all replicas, so the exchange compiles once (see
     :mod:`decjax.optim.replicas`). Run ``update`` under ``jax.vmap(..., axis_name=axis_name)``
     or ``jax.shard_map`` over a mesh axis ``axis_name`` (:func:`decjax.optim.replicate`).
+    A loop that knows its sync steps may pass ``update(..., sync=True | False)`` to skip the
+    ``lax.cond`` (:mod:`decjax.optim.outer`).
 
     Args:
       inner: the per-replica optimizer, e.g. ``optax.adam(6e-4)``.
