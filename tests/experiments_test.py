@@ -36,3 +36,19 @@ def test_noloco_quick_grid_writes_table_and_plots_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "done " not in again.stdout  # every finished run was reused, none retrained
     assert (tmp_path / "quick.md").read_text() == table
+
+
+def test_skippipe_quick_grid_writes_tables_and_plot(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "experiments/skippipe/run.py", "--grid=quick", f"--out={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = (tmp_path / "quick_results.md").read_text()
+    for label in ("full pipelines", "round robin (unaware)",
+                  "SkipPipe without collision awareness", "SkipPipe (collision aware)"):
+        assert f"| 20 nodes (reference) | 25 % | {label} |" in table
+    for label in ("0 % (full pipelines)", "25 % skip", "33 % skip"):
+        assert f"| {label} |" in table
+    assert "keep 50%" in table and "Omitted stages" in table
+    assert (tmp_path / "quick_val_loss.png").stat().st_size > 1000
+    assert len(list((tmp_path / "runs").glob("*/result.json"))) == 3
