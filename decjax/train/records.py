@@ -6,13 +6,36 @@ evaluation lines ``"split": "val"``. ``events.jsonl`` holds what happened to the
 """
 
 import json
+import os
 import pathlib
+import re
 import time
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless: plots go to files
 import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
+
+
+def write_atomically(path: pathlib.Path, text: str) -> None:
+    """Writes ``text`` to ``path`` so that a crash leaves the old file or the new one, whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def replace_results_block(readme: pathlib.Path, text: str) -> None:
+    """Replaces the generated block of ``readme`` (between :data:`RESULTS_MARKERS`) with ``text``.
+
+    A README without the markers is left untouched.
+    """
+    start, end = RESULTS_MARKERS
+    body = readme.read_text()
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    if pattern.search(body):
+        write_atomically(readme, pattern.sub(lambda _: f"{start}\n{text}\n{end}", body))
 
 
 def read_jsonl(path: str | pathlib.Path) -> list[dict]:

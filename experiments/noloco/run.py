@@ -13,9 +13,7 @@ are written only once every run of the grid has finished.
 
 import dataclasses
 import json
-import os
 import pathlib
-import re
 import sys
 
 import jax
@@ -29,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from decjax import sim  # noqa: E402
 from decjax.data import default_cache_dir  # noqa: E402
+from decjax.train.records import replace_results_block, write_atomically  # noqa: E402
 from decjax.train.replicated import (  # noqa: E402
     NOLOCO,
     ReplicatedConfig,
@@ -61,7 +60,6 @@ PAPER_SYNC_EVERY = {"dp": 0, "diloco": 100, "diloco_nesterov": 100, "noloco": 50
 # The model the simulated clock prices: the NoLoCo paper's Small (Table 1).
 PRICED = dict(name="NoLoCo-paper Small", params=125e6, bytes_per_value=2,
               tokens_per_step=2**19, device_flops=125e12, hop_overhead_s=0.35)
-README_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
 
 
 def sync_every(method: str, steps: int) -> int:
@@ -77,12 +75,6 @@ def make_config(method: str, n_replicas: int, seed: int, steps: int) -> Replicat
                             progress=True, **PROXY)
 
 
-def _write_atomically(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run_one(workdir: pathlib.Path, config: ReplicatedConfig, data) -> RunResult:
     """Trains, or reuses the finished run with the same config."""
     path = workdir / "result.json"
@@ -93,7 +85,7 @@ def run_one(workdir: pathlib.Path, config: ReplicatedConfig, data) -> RunResult:
         print(f"{workdir.name}: config changed, retraining", flush=True)
     result = train(config, data)
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, json.dumps(dataclasses.asdict(result)))
+    write_atomically(path, json.dumps(dataclasses.asdict(result)))
     print(f"done {workdir.name}: val {result.val_loss_mean[-1]:.3f} (replica mean), "
           f"{result.val_loss_averaged[-1]:.3f} (averaged), {result.wall_seconds:.0f} s",
           flush=True)
@@ -255,15 +247,6 @@ def plot_communication(runs, grid, path):
     plt.close(fig)
 
 
-def update_readme(readme: pathlib.Path, text: str) -> None:
-    """Replaces the generated block of the README (between the markers) with ``text``."""
-    start, end = README_MARKERS
-    body = readme.read_text()
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    if pattern.search(body):
-        _write_atomically(readme, pattern.sub(lambda _: f"{start}\n{text}\n{end}", body))
-
-
 def main(argv):
     del argv
     # Runs of one shape share their compiled steps across seeds and invocations.
@@ -291,11 +274,11 @@ def main(argv):
     plot_communication(runs, grid, out / f"{prefix}communication.png")
     records = {f"{m}|R{n}|seed{s}": {"result": dataclasses.asdict(v["result"]), "sim": v["sim"]}
                for (m, n, s), v in runs.items()}
-    _write_atomically(out / f"{prefix}runs.json", json.dumps(records))
-    _write_atomically(out / ("results.md" if FLAGS.grid == "full" else f"{FLAGS.grid}.md"),
+    write_atomically(out / f"{prefix}runs.json", json.dumps(records))
+    write_atomically(out / ("results.md" if FLAGS.grid == "full" else f"{FLAGS.grid}.md"),
                       table + "\n")
     if FLAGS.grid == "full" and out == pathlib.Path(__file__).parent / "results":
-        update_readme(out.parent / "README.md", table)
+        replace_results_block(out.parent / "README.md", table)
     plots = ", ".join(str(p) for p in sorted(out.glob(f"{prefix}*.png")))
     print(table + f"\n\nplots: {plots}\nper-run records: {out / 'runs'}")
 

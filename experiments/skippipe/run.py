@@ -22,9 +22,7 @@ interrupted grid resumes where it stopped.
 """
 
 import json
-import os
 import pathlib
-import re
 import time
 
 import jax
@@ -55,6 +53,7 @@ from decjax.skippipe import (
     validate,
 )
 from decjax.train import init_state, make_eval_step
+from decjax.train.records import replace_results_block, write_atomically
 
 plt.switch_backend("Agg")  # files only
 FLAGS = flags.FLAGS
@@ -77,13 +76,6 @@ PROXY = dict(d_model=64, n_heads=4, n_stages=5, d_ff=256, seq_len=64, rows_per_m
 KEEP = (1.0, 0.75, 0.5)
 LABELS = {0.0: "0 % (full pipelines)", 0.25: "25 % skip", 1 / 3: "33 % skip"}
 COLORS = {0.0: "black", 0.25: "tab:blue", 1 / 3: "tab:red"}
-README_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
-
-
-def _write_atomically(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _pct(skip: float) -> str:
@@ -231,7 +223,7 @@ def run_one(workdir: pathlib.Path, config: dict, trainer: Trainer, routes: list,
         print(f"{workdir.name}: config changed, retraining", flush=True)
     result = {"config": config, **trainer.train(config["skip"], routes, config["seed"], grid)}
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, json.dumps(result))
+    write_atomically(path, json.dumps(result))
     print(f"done {workdir.name}: val {result['val_loss'][-1]:.3f}, "
           f"{result['wall_seconds']:.0f} s", flush=True)
     return result
@@ -323,15 +315,6 @@ def plot_training(runs: dict, grid: dict, clock: dict, path: pathlib.Path) -> No
     plt.close(fig)
 
 
-def update_readme(readme: pathlib.Path, text: str) -> None:
-    """Replaces the generated block of the README (between the markers) with ``text``."""
-    start, end = README_MARKERS
-    body = readme.read_text()
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    if pattern.search(body):
-        _write_atomically(readme, pattern.sub(lambda _: f"{start}\n{text}\n{end}", body))
-
-
 def main(argv):
     del argv
     jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "xla"))
@@ -347,7 +330,7 @@ def main(argv):
     def publish(title: str, table: str) -> None:
         sections.append(f"### {title}\n\n{table}")
         text = "\n\n".join(sections) + f"\n\nProduced by `{command}`."
-        _write_atomically(out / f"{prefix}results.md", text + "\n")
+        write_atomically(out / f"{prefix}results.md", text + "\n")
         print(f"\n### {title}\n\n{table}\n", flush=True)
 
     rows, rotations = iteration_times(grid)
@@ -370,10 +353,10 @@ def main(argv):
     publish("2. Training (measured losses, simulated clock)",
             training_table(runs, grid, steps, clock) + f"\n\nPlot: `{prefix}val_loss.png`.")
     publish("3. Omitted stages at inference (measured)", omitted_table(runs, grid))
-    _write_atomically(out / f"{prefix}runs.json", json.dumps(
+    write_atomically(out / f"{prefix}runs.json", json.dumps(
         {f"skip{round(100 * k[0])}|seed{k[1]}": v for k, v in runs.items()}))
     if FLAGS.grid == "full" and out == pathlib.Path(__file__).parent / "results":
-        update_readme(out.parent / "README.md", "\n\n".join(sections)
+        replace_results_block(out.parent / "README.md", "\n\n".join(sections)
                       + f"\n\nProduced by `{command}`.")
     print(f"results: {out / f'{prefix}results.md'}")
 
