@@ -13,12 +13,15 @@ import pytest
 from decjax.optim import (
     DILOCO_PRESETS,
     StabilityWarning,
+    anchor_of,
     diloco,
     noloco,
+    pack,
     replicate,
     shard_replicas,
     stability_window,
     stack_replicas,
+    unpack,
 )
 from decjax.optim.replicas import groups_of_round
 from decjax.testing import log_compilations
@@ -55,6 +58,12 @@ def run_replicas(tx, n_replicas, n_steps, *, mesh=None, seed=0):
         params, state = step(params, state, targets)
         history.append(jax.tree.map(np.asarray, params))
     return history, state
+
+
+def replica_anchors(state):
+    """Each replica's anchor as a tree shaped like the parameters of one replica."""
+    like = jax.tree.map(jnp.asarray, random_tree(0))
+    return jax.vmap(anchor_of, in_axes=(0, None))(state, like)
 
 
 def numpy_outer_run(n_replicas, n_steps, *, sync_every, alpha, beta, gamma, group_size,
@@ -132,7 +141,7 @@ def test_diloco_matches_numpy_equations(nesterov):
     assert_history_close(history, reference)
     # After the sync at step 9 all replicas restart from one anchor (params up to rounding).
     np.testing.assert_allclose(history[8]["a"][0], history[8]["a"][3], atol=1e-6)
-    anchors = np.asarray(state.anchor["a"])
+    anchors = np.asarray(replica_anchors(state)["a"])
     np.testing.assert_array_equal(anchors, np.broadcast_to(anchors[0], anchors.shape))
 
 
@@ -199,7 +208,7 @@ def test_vmap_and_shard_map_give_the_same_parameters(make_tx):
     stacked, _ = run_replicas(make_tx(), 8, n_steps=7)
     sharded, state = run_replicas(make_tx(), 8, n_steps=7, mesh=mesh)
     assert_history_close(stacked, [_flat(p) for p in sharded], atol=1e-6)
-    assert state.anchor["a"].sharding.spec[0] == "replica"
+    assert state.anchor.buffers[0].sharding.spec[0] == "replica"
 
 
 @pytest.mark.parametrize("mesh_shape", [None, (8,)], ids=["vmap", "shard_map"])
@@ -258,7 +267,8 @@ def test_state_keeps_float32_anchor_and_dtypes_across_steps():
     for _ in range(3):  # crosses a sync
         params, state, updates = step(params, state)
         chex.assert_trees_all_equal_shapes_and_dtypes(state, initial)
-    assert state.anchor["w"].dtype == state.outer["w"].dtype == jnp.float32
+    assert [b.dtype for b in state.anchor.buffers + state.outer.buffers] == [jnp.float32] * 2
+    assert anchor_of(state, params)["w"].dtype == jnp.float32
     assert params["w"].dtype == updates["w"].dtype == jnp.bfloat16
 
 
@@ -389,3 +399,27 @@ def test_static_sync_flag_matches_the_cond_and_drops_it():
     assert int(state.round[0]) == 3
     jaxpr = jax.make_jaxpr(replicate(lambda p, s: tx.update(p, s, p, sync=False)))(params, state)
     assert "cond" not in {name for name, _ in _primitives(jaxpr.jaxpr)}
+
+
+def test_pack_round_trips_mixed_dtypes():
+    tree = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.arange(4, dtype=jnp.int32),
+            "c": (jnp.ones((), jnp.bfloat16), jnp.full((2, 2), 3.0))}
+    packed = pack(tree)
+    assert [b.dtype for b in packed.buffers] == [jnp.float32, jnp.int32, jnp.bfloat16]
+    assert [b.shape for b in packed.buffers] == [(10,), (4,), (1,)]
+    chex.assert_trees_all_equal(jax.jit(unpack)(packed, tree), tree)
+
+
+@pytest.mark.parametrize("make_tx", [
+    lambda pack_state: noloco(optax.sgd(INNER_LR), sync_every=2, gamma=0.9, group_size=2,
+                              pack_state=pack_state),
+    lambda pack_state: diloco(optax.adam(0.01), sync_every=2, outer=optax.adam(0.1),
+                              pack_state=pack_state),
+], ids=["noloco", "diloco-adam-outer"])
+def test_packed_state_gives_the_same_parameters(make_tx):
+    packed, packed_state = run_replicas(make_tx(True), 4, n_steps=5)
+    plain, plain_state = run_replicas(make_tx(False), 4, n_steps=5)
+    assert_history_close(packed, [_flat(p) for p in plain], atol=0)
+    chex.assert_trees_all_equal(replica_anchors(packed_state), plain_state.anchor)
+    # A packed state passes two float32 buffers (plus the outer optimizer's counts) through.
+    assert len(jax.tree.leaves((packed_state.anchor, packed_state.outer))) <= 3

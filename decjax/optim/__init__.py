@@ -3,7 +3,7 @@
 from decjax.optim.diloco import PRESETS as DILOCO_PRESETS
 from decjax.optim.diloco import DiLoCoState, diloco
 from decjax.optim.noloco import NoLoCoState, StabilityWarning, noloco, stability_window
-from decjax.optim.outer import OuterState
+from decjax.optim.outer import OuterState, Packed, anchor_of, pack, unpack
 from decjax.optim.replicas import replicate, shard_replicas, stack_replicas
 from decjax.optim.staged import (
     PerStageState,
@@ -19,11 +19,14 @@ __all__ = [
     "DiLoCoState",
     "NoLoCoState",
     "OuterState",
+    "Packed",
     "PerStageState",
     "StabilityWarning",
+    "anchor_of",
     "decay_mask",
     "diloco",
     "noloco",
+    "pack",
     "per_stage",
     "replicate",
     "reset_stage",
@@ -32,4 +35,5 @@ __all__ = [
     "stack_replicas",
     "stage_adamw",
     "stage_grad_norms",
+    "unpack",
 ]

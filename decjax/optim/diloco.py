@@ -30,6 +30,7 @@ def diloco(
     nesterov: bool = True,
     outer: optax.GradientTransformation | None = None,
     axis_name: str | None = "replica",
+    pack_state: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""DiLoCo: ``sync_every`` inner steps, then ``outer`` on the mean pseudo-gradient.
 
@@ -55,19 +56,21 @@ def diloco(
       nesterov: Nesterov (True) or heavy-ball (False) outer momentum.
       outer: any outer optimizer; default ``optax.sgd(outer_lr, outer_momentum, nesterov)``.
       axis_name: the replica axis; ``None`` runs a single replica.
+      pack_state: store the anchor and outer state as flat buffers (see :func:`noloco`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`DiLoCoState`.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from decjax.optim import diloco, stack_replicas
+      >>> from decjax.optim import anchor_of, diloco, stack_replicas
       >>> tx = diloco(optax.adam(1e-2), sync_every=1)
       >>> params = stack_replicas({"w": jnp.zeros(3)}, 4)
       >>> grads = {"w": jnp.arange(12.0).reshape(4, 3)}
       >>> step = jax.vmap(tx.update, axis_name="replica")
       >>> updates, state = jax.jit(step)(grads, jax.vmap(tx.init)(params), params)
-      >>> bool((state.anchor["w"] == state.anchor["w"][:1]).all())   # one shared anchor
+      >>> anchor = jax.vmap(anchor_of)(state, params)["w"]
+      >>> bool((anchor == anchor[:1]).all())   # one shared anchor
       True
 
     References:
@@ -82,4 +85,5 @@ def diloco(
         step, outer_state = outer.update(pseudo_grad, outer_state, anchor)
         return optax.apply_updates(anchor, step), outer_state
 
-    return periodic_outer_step(inner, sync_every, outer.init, outer_rule, axis_name)
+    return periodic_outer_step(inner, sync_every, outer.init, outer_rule, axis_name,
+                               pack_state)

@@ -69,6 +69,7 @@ def noloco(
     axis_name: str | None = "replica",
     seed: int = 0,
     pool_size: int = 64,
+    pack_state: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""NoLoCo: ``sync_every`` inner steps, then a momentum step towards a random peer group.
 
@@ -109,6 +110,9 @@ def noloco(
       axis_name: the replica axis; ``None`` runs a single replica (its group is itself).
       seed: seed of the peer draws.
       pool_size: number of distinct groupings the draws pick from.
+      pack_state: store the anchor and momentum as one flat buffer each (fast non-sync steps;
+        read with :func:`decjax.optim.anchor_of`); ``False`` keeps them parameter-shaped,
+        for parameters sharded within a replica (:mod:`decjax.optim.outer`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`NoLoCoState`.
@@ -156,4 +160,5 @@ def noloco(
     def zero_momentum(anchor):
         return jax.tree.map(jnp.zeros_like, anchor)
 
-    return periodic_outer_step(inner, sync_every, zero_momentum, outer_rule, axis_name)
+    return periodic_outer_step(inner, sync_every, zero_momentum, outer_rule, axis_name,
+                               pack_state)
