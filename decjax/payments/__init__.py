@@ -1,0 +1,103 @@
+"""Committee-based multi-hop payment channel networks (SyncPCN / PSyncPCN), simulated.
+
+Pure Python, no JAX: a deterministic discrete-event core (events, network), cryptography
+(signatures, hash locks, quorum certificates), channels and the channel graph, committees with
+pluggable adversary behaviours, Brick-style registration, and invariant checkers. See
+``specs/payments.md``; items marked [R] there are reconstructions, not the paper's text.
+"""
+
+from decjax.payments.channels import (
+    ABSENT,
+    LOCKED,
+    REFUNDED,
+    SETTLED,
+    Channel,
+    Lock,
+    check_amount,
+    hop_amounts,
+)
+from decjax.payments.checkers import (
+    PaymentRecord,
+    Violation,
+    check_atomicity,
+    check_balance_security,
+    check_channel_safety,
+    check_conservation,
+    check_no_equivocation,
+    check_qc_uniqueness,
+    check_record_consistency,
+    check_termination,
+)
+from decjax.payments.committee import (
+    Behaviour,
+    Committee,
+    CorrectBehaviour,
+    Crashed,
+    Equivocating,
+    Member,
+    flip_decision,
+)
+from decjax.payments.crypto import (
+    Ed25519Signer,
+    HmacSigner,
+    KeyRegistry,
+    QuorumCertificate,
+    SignedStatement,
+    Signer,
+    Statement,
+    check_preimage,
+    digest,
+    encode,
+    hashlock,
+)
+from decjax.payments.errors import (
+    ChannelClosed,
+    ConfigError,
+    CryptoError,
+    DuplicateLock,
+    InsufficientBalance,
+    InvalidAmount,
+    LockError,
+    NoRoute,
+    PaymentError,
+    SimulationError,
+    UnknownChannel,
+    UnknownLock,
+    UnknownParty,
+)
+from decjax.payments.events import Node, Simulator, TraceEvent
+from decjax.payments.graph import ChannelGraph
+from decjax.payments.network import (
+    AsyncNetwork,
+    Envelope,
+    MessageStats,
+    Network,
+    RandomScheduler,
+    Scheduler,
+    SyncNetwork,
+    wire_size,
+)
+from decjax.payments.registration import (
+    CloseDecision,
+    FraudProof,
+    RegistrationStore,
+    find_fraud,
+    resolve_close,
+    state_statement,
+)
+
+__all__ = [
+    "ABSENT", "LOCKED", "REFUNDED", "SETTLED",
+    "AsyncNetwork", "Behaviour", "Channel", "ChannelClosed", "ChannelGraph", "CloseDecision",
+    "Committee", "ConfigError", "CorrectBehaviour", "Crashed", "CryptoError", "DuplicateLock",
+    "Ed25519Signer", "Envelope", "Equivocating", "FraudProof", "HmacSigner",
+    "InsufficientBalance", "InvalidAmount", "KeyRegistry", "Lock", "LockError", "Member",
+    "MessageStats", "Network", "NoRoute", "Node", "PaymentError", "PaymentRecord",
+    "QuorumCertificate", "RandomScheduler", "RegistrationStore", "Scheduler", "SignedStatement",
+    "Signer", "SimulationError", "Simulator", "Statement", "SyncNetwork", "TraceEvent",
+    "UnknownChannel", "UnknownLock", "UnknownParty", "Violation", "check_amount",
+    "check_atomicity", "check_balance_security", "check_channel_safety", "check_conservation",
+    "check_no_equivocation", "check_preimage", "check_qc_uniqueness", "check_record_consistency",
+    "check_termination", "digest", "encode", "find_fraud", "flip_decision", "hashlock",
+    "hop_amounts", "resolve_close", "state_statement", "wire_size",
+]
