@@ -47,8 +47,9 @@ def test_skippipe_quick_grid_writes_tables_and_plot(tmp_path):
     for label in ("full pipelines", "round robin (unaware)",
                   "SkipPipe without collision awareness", "SkipPipe (collision aware)"):
         assert f"| 20 nodes (reference) | 25 % | {label} |" in table
-    for label in ("0 % (full pipelines)", "25 % skip", "33 % skip"):
+    for label in ("0 % (full pipelines)", "25 % skip", "33 % skip",
+                  "25 % skip, no swaps"):
         assert f"| {label} |" in table
     assert "keep 50%" in table and "Omitted stages" in table
     assert (tmp_path / "quick_val_loss.png").stat().st_size > 1000
-    assert len(list((tmp_path / "runs").glob("*/result.json"))) == 3
+    assert len(list((tmp_path / "runs").glob("*/result.json"))) == 4
