@@ -13,17 +13,19 @@ Three parts, each writing its table as soon as it is done:
 2. **Training (measured losses, simulated clock).** A small staged Llama (io + 5 body stages
    of one block each, byte vocabulary, Python standard library) trained for the same number of
    iterations along the full route (0 % skip) and along the rotating planned schedules of
-   part 1 (25 %, 33 %). The clock multiplies iterations by the simulated makespan of the
-   schedules on the 20-node reference instance.
+   part 1 (25 %, 33 %; at 25 % also planned without adjacent swaps). The clock multiplies
+   iterations by the simulated makespan of the schedules on the 20-node reference instance.
 3. **Omitted stages.** Every trained model evaluated with 100 %, 75 % and 50 % of its stages.
 
 Finished training runs are reused (``results/runs/<run>/result.json``, keyed by config), so an
-interrupted grid resumes where it stopped.
+interrupted grid resumes where it stopped; ``--variants`` / ``--seeds`` train a subset (e.g. in
+parallel processes), and a later run without them reuses those runs and writes the tables.
 """
 
 import json
 import pathlib
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,13 +62,15 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("grid", "full", ["full", "quick"], "Which grid to run.")
 flags.DEFINE_string("out", str(pathlib.Path(__file__).parent / "results"), "Output folder.")
 flags.DEFINE_integer("steps", 0, "Training iterations per run; 0 takes the grid's default.")
+flags.DEFINE_list("variants", [], "Train only these variants (ids of VARIANTS); no tables.")
+flags.DEFINE_list("seeds", [], "Train only these seeds; no tables.")
 
 SKIPS = (0.25, 1 / 3)
 MICROBATCHES = 30
 INSTANCES = {"20 nodes (reference)": (5, 3, 3, 3, 3, 3), "18 nodes": (3, 3, 3, 3, 3, 3)}
 GRIDS = {
-    "full": dict(instances=tuple(INSTANCES), seeds=(0, 1), steps=400, evaluations=4000,
-                 budget_s=9.0, rotation_budget_s=3.0, eval_every=25, eval_batches=8),
+    "full": dict(instances=tuple(INSTANCES), seeds=(0, 1), steps=800, evaluations=4000,
+                 budget_s=9.0, rotation_budget_s=3.0, eval_every=50, eval_batches=8),
     "quick": dict(instances=("20 nodes (reference)",), seeds=(0,), steps=6, evaluations=40,
                   budget_s=0.5, rotation_budget_s=0.3, eval_every=3, eval_batches=2),
 }
@@ -74,8 +78,22 @@ GRIDS = {
 PROXY = dict(d_model=64, n_heads=4, n_stages=5, d_ff=256, seq_len=64, rows_per_microbatch=2,
              lr=3e-3, warmup=20, eval_batch_size=32, max_bytes_per_domain=400_000)
 KEEP = (1.0, 0.75, 0.5)
-LABELS = {0.0: "0 % (full pipelines)", 0.25: "25 % skip", 1 / 3: "33 % skip"}
-COLORS = {0.0: "black", 0.25: "tab:blue", 1 / 3: "tab:red"}
+
+
+class Variant(NamedTuple):
+    label: str
+    skip: float
+    max_swaps: int  # adjacent swaps allowed per path (the reference: 2)
+    color: str
+
+
+VARIANTS = {
+    "skip0": Variant("0 % (full pipelines)", 0.0, 0, "black"),
+    "skip25": Variant("25 % skip", 0.25, 2, "tab:blue"),
+    "skip25-noswap": Variant("25 % skip, no swaps", 0.25, 0, "tab:cyan"),
+    "skip33": Variant("33 % skip", 1 / 3, 2, "tab:red"),
+}
+ROTATIONS = [(v.skip, v.max_swaps) for v in VARIANTS.values() if v.skip]
 
 
 def _pct(skip: float) -> str:
@@ -88,6 +106,7 @@ def _pct(skip: float) -> str:
 def iteration_times(grid: dict) -> tuple[dict, dict]:
     """Rows per (instance, skip), and the rotating plans of the reference instance per skip."""
     rows, rotations = {}, {}
+    reference = grid["instances"][0]  # also gets the rotations that are trained on
     search = dict(max_evaluations=grid["evaluations"], time_budget_s=grid["budget_s"])
     for name in grid["instances"]:
         alloc, place, cost, nbytes = reference_instance(INSTANCES[name])
@@ -95,8 +114,9 @@ def iteration_times(grid: dict) -> tuple[dict, dict]:
         for skip in SKIPS:
             args = dict(n_microbatches=MICROBATCHES, skip_ratio=skip, activation_bytes=nbytes)
 
-            def seconds(schedule, skip=skip, place=place, cost=cost, nbytes=nbytes, n=n_stages):
-                validate(schedule, n_stages=n, skip_ratio=skip)
+            def seconds(schedule, skip=skip, place=place, cost=cost, nbytes=nbytes, n=n_stages,
+                        max_swaps=2):
+                validate(schedule, n_stages=n, skip_ratio=skip, max_swaps=max_swaps)
                 return makespan(schedule, place, cost, activation_bytes=nbytes).seconds
 
             rr = round_robin_schedule(alloc, MICROBATCHES, skip)
@@ -108,16 +128,17 @@ def iteration_times(grid: dict) -> tuple[dict, dict]:
                 start = time.perf_counter()
                 s = plan(alloc, place, cost, **args, collision_aware=aware, **search)
                 cell[label] = (seconds(s), time.perf_counter() - start)
-            if name == grid["instances"][0]:  # the reference instance: also the rotation
+            for max_swaps in [m for k, m in ROTATIONS if k == skip and name == reference]:
                 start = time.perf_counter()
                 plans = rotating_plans(alloc, place, cost, **args, count=n_stages,
-                                       max_evaluations=grid["evaluations"],
+                                       max_swaps=max_swaps, max_evaluations=grid["evaluations"],
                                        time_budget_s=grid["rotation_budget_s"])
                 wall = (time.perf_counter() - start) / len(plans)
-                secs = [seconds(p) for p in plans]
-                cell[f"rotation of {len(plans)} planned (fixed sets), mean"] = (
+                secs = [seconds(p, max_swaps=max_swaps) for p in plans]
+                swaps = ", no swaps" if max_swaps == 0 else ""
+                cell[f"rotation of {len(plans)} planned (fixed sets{swaps}), mean"] = (
                     float(np.mean(secs)), wall)
-                rotations[skip] = {"plans": plans, "seconds": secs}
+                rotations[(skip, max_swaps)] = {"plans": plans, "seconds": secs}
             rows[(name, skip)] = cell
             print(f"planned {name}, {_pct(skip)} skip", flush=True)
     return rows, rotations
@@ -178,7 +199,7 @@ class Trainer:
 
         self.evaluate = evaluate
 
-    def train(self, skip: float, routes: list, seed: int, grid: dict):
+    def train(self, routes: list, seed: int, grid: dict):
         batch = MICROBATCHES * PROXY["rows_per_microbatch"]
         batches = train_iterator(self.data, batch_size=batch, seed=seed)
         val = eval_batches(self.data, batch_size=PROXY["eval_batch_size"],
@@ -203,10 +224,12 @@ class Trainer:
                             for k, v in omitted.items()}}
 
 
-def training_routes(skip: float, rotations: dict) -> list:
-    if skip == 0.0:
+def training_routes(variant: Variant, rotations: dict) -> list:
+    """The routes of iterations 1, 2, ..., cycled."""
+    if variant.skip == 0.0:
         return [np.tile(np.arange(PROXY["n_stages"], dtype=np.int32), (MICROBATCHES, 1))]
-    return [p.route(width=PROXY["n_stages"]) for p in rotations[skip]["plans"]]
+    plans = rotations[(variant.skip, variant.max_swaps)]["plans"]
+    return [p.route(width=PROXY["n_stages"]) for p in plans]
 
 
 def run_one(workdir: pathlib.Path, config: dict, trainer: Trainer, routes: list, grid: dict):
@@ -221,7 +244,7 @@ def run_one(workdir: pathlib.Path, config: dict, trainer: Trainer, routes: list,
         if stored["config"] == config:
             return stored
         print(f"{workdir.name}: config changed, retraining", flush=True)
-    result = {"config": config, **trainer.train(config["skip"], routes, config["seed"], grid)}
+    result = {"config": config, **trainer.train(routes, config["seed"], grid)}
     workdir.mkdir(parents=True, exist_ok=True)
     write_atomically(path, json.dumps(result))
     print(f"done {workdir.name}: val {result['val_loss'][-1]:.3f}, "
@@ -229,10 +252,18 @@ def run_one(workdir: pathlib.Path, config: dict, trainer: Trainer, routes: list,
     return result
 
 
-def iteration_seconds(skip: float, rows: dict, rotations: dict, instance: str) -> float:
-    if skip == 0.0:
+def iteration_seconds(variant: Variant, rows: dict, rotations: dict, instance: str) -> float:
+    """Mean simulated seconds per iteration of a variant's schedules."""
+    if variant.skip == 0.0:
         return rows[(instance, SKIPS[0])]["full pipelines"][0]
-    return float(np.mean(rotations[skip]["seconds"]))
+    return float(np.mean(rotations[(variant.skip, variant.max_swaps)]["seconds"]))
+
+
+def check_variants(names: list[str]) -> list[str]:
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        raise app.UsageError(f"--variants: unknown {unknown}; allowed: {', '.join(VARIANTS)}")
+    return names
 
 
 def _mean_std(values, digits=3) -> str:
@@ -242,7 +273,7 @@ def _mean_std(values, digits=3) -> str:
 
 
 def training_table(runs: dict, grid: dict, steps: int, clock: dict) -> str:
-    base = np.array([runs[(0.0, s)]["val_loss"][-1] for s in grid["seeds"]])
+    base = np.array([runs[("skip0", s)]["val_loss"][-1] for s in grid["seeds"]])
     lines = [
         f"{steps} iterations per run, {MICROBATCHES} microbatches of "
         f"{PROXY['rows_per_microbatch']} x {PROXY['seq_len']} bytes; seeds "
@@ -253,26 +284,26 @@ def training_table(runs: dict, grid: dict, steps: int, clock: dict) -> str:
         "reference instance (full pipelines for 0 %, the mean of the rotating planned "
         "schedules otherwise). \"0 % run at the same sim. hours\": the full-pipeline runs' "
         "validation loss when this run's simulated clock stops (interpolated).", "",
-        "| skip | final val loss | gap vs 0 % | 0 % run at the same sim. hours "
+        "| schedules | final val loss | gap vs 0 % | 0 % run at the same sim. hours "
         "| sim. s / iteration | sim. hours | sim. speed-up | measured train wall (s) |",
         "|---|---|---|---|---|---|---|---|"]
-    for skip in (0.0, *SKIPS):
-        final = np.array([runs[(skip, s)]["val_loss"][-1] for s in grid["seeds"]])
+    for name, variant in VARIANTS.items():
+        final = np.array([runs[(name, s)]["val_loss"][-1] for s in grid["seeds"]])
         gap = 100 * (final - base) / base
         # The full-pipeline runs' loss (interpolated) when this run's simulated clock stops.
-        same_time = [np.interp(steps * clock[skip] / clock[0.0], runs[(0.0, s)]["steps"],
-                               runs[(0.0, s)]["val_loss"]) for s in grid["seeds"]]
+        same_time = [np.interp(steps * clock[name] / clock["skip0"], runs[("skip0", s)]["steps"],
+                               runs[("skip0", s)]["val_loss"]) for s in grid["seeds"]]
         lines.append(
-            f"| {LABELS[skip]} | {_mean_std(list(final))} | "
+            f"| {variant.label} | {_mean_std(list(final))} | "
             f"{_mean_std(list(gap), 1).replace(' ± ', ' % ± ')} % | {_mean_std(same_time)} "
-            f"| {clock[skip]:.2f} | "
-            f"{steps * clock[skip] / 3600:.2f} | {clock[0.0] / clock[skip]:.2f}x | "
-            f"{np.mean([runs[(skip, s)]['wall_seconds'] for s in grid['seeds']]):.0f} |")
+            f"| {clock[name]:.2f} | "
+            f"{steps * clock[name] / 3600:.2f} | {clock['skip0'] / clock[name]:.2f}x | "
+            f"{np.mean([runs[(name, s)]['wall_seconds'] for s in grid['seeds']]):.0f} |")
     return "\n".join(lines)
 
 
 def omitted_table(runs: dict, grid: dict) -> str:
-    kept = runs[(0.0, grid["seeds"][0])]["omitted"]
+    kept = runs[("skip0", grid["seeds"][0])]["omitted"]
     lines = ["Perplexity per byte (exp of the token-mean validation loss) when only some "
              "stages run; io is always kept, kept body stages are evenly spaced and run in "
              "order (`eval_with_omitted_stages`, choice \"spread\"). Mean ± std over seeds; "
@@ -280,29 +311,29 @@ def omitted_table(runs: dict, grid: dict) -> str:
              "| trained with | " + " | ".join(
                  f"keep {k:.0%} (body stages {kept[str(k)]['kept_stages']})" for k in KEEP)
              + " |", "|---|" + "---|" * len(KEEP)]
-    for skip in (0.0, *SKIPS):
+    for name, variant in VARIANTS.items():
         cells = []
         for k in KEEP:
-            ppl = np.array([runs[(skip, s)]["omitted"][str(k)]["perplexity"]
+            ppl = np.array([runs[(name, s)]["omitted"][str(k)]["perplexity"]
                             for s in grid["seeds"]])
-            full = np.array([runs[(skip, s)]["omitted"]["1.0"]["perplexity"]
+            full = np.array([runs[(name, s)]["omitted"]["1.0"]["perplexity"]
                              for s in grid["seeds"]])
             rel = f" ({100 * np.mean(ppl / full - 1):+.1f} %)" if k != 1.0 else ""
             cells.append(_mean_std(list(ppl), 2) + rel)
-        lines.append(f"| {LABELS[skip]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {variant.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot_training(runs: dict, grid: dict, clock: dict, path: pathlib.Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
-    for skip in (0.0, *SKIPS):
-        cell = [runs[(skip, s)] for s in grid["seeds"]]
+    for name, variant in VARIANTS.items():
+        cell = [runs[(name, s)] for s in grid["seeds"]]
         steps = np.array(cell[0]["steps"])
         loss = np.mean([r["val_loss"] for r in cell], axis=0)
         shown = slice(1 if len(steps) > 2 else 0, None)  # the initial ~5.5 flattens the rest
-        axes[0].plot(steps[shown], loss[shown], color=COLORS[skip], label=LABELS[skip])
-        axes[1].plot(steps[shown] * clock[skip] / 3600, loss[shown], color=COLORS[skip],
-                     label=LABELS[skip])
+        style = dict(color=variant.color, label=variant.label)
+        axes[0].plot(steps[shown], loss[shown], **style)
+        axes[1].plot(steps[shown] * clock[name] / 3600, loss[shown], **style)
     axes[0].set_xlabel("iteration")
     axes[1].set_xlabel("simulated hours (500M costs, 20-node reference instance)")
     for ax in axes:
@@ -338,23 +369,29 @@ def main(argv):
             iteration_table(rows, grid))
 
     instance = grid["instances"][0]
-    clock = {skip: iteration_seconds(skip, rows, rotations, instance) for skip in (0.0, *SKIPS)}
+    clock = {name: iteration_seconds(v, rows, rotations, instance)
+             for name, v in VARIANTS.items()}
     data = load_data(data_config(), seq_len=PROXY["seq_len"])
     trainer = Trainer(data, steps)
     runs = {}
-    for seed in grid["seeds"]:
-        for skip in (0.0, *SKIPS):
-            routes = training_routes(skip, rotations)
-            config = dict(skip=skip, seed=seed, steps=steps, grid=FLAGS.grid, **PROXY,
-                          eval_every=grid["eval_every"], eval_batches=grid["eval_batches"])
-            workdir = out / "runs" / f"{prefix}skip{round(100 * skip)}-seed{seed}-steps{steps}"
-            runs[(skip, seed)] = run_one(workdir, config, trainer, routes, grid)
+    for name in check_variants(FLAGS.variants) or VARIANTS:
+        for seed in [int(s) for s in FLAGS.seeds] or grid["seeds"]:
+            variant = VARIANTS[name]
+            config = dict(skip=variant.skip, max_swaps=variant.max_swaps, seed=seed,
+                          steps=steps, grid=FLAGS.grid, **PROXY, eval_every=grid["eval_every"],
+                          eval_batches=grid["eval_batches"])
+            workdir = out / "runs" / f"{prefix}{name}-seed{seed}-steps{steps}"
+            runs[(name, seed)] = run_one(workdir, config, trainer,
+                                         training_routes(variant, rotations), grid)
+    if FLAGS.variants or FLAGS.seeds:
+        print("trained a subset (--variants/--seeds); run without them to write the tables")
+        return
     plot_training(runs, grid, clock, out / f"{prefix}val_loss.png")
     publish("2. Training (measured losses, simulated clock)",
             training_table(runs, grid, steps, clock) + f"\n\nPlot: `{prefix}val_loss.png`.")
     publish("3. Omitted stages at inference (measured)", omitted_table(runs, grid))
     write_atomically(out / f"{prefix}runs.json", json.dumps(
-        {f"skip{round(100 * k[0])}|seed{k[1]}": v for k, v in runs.items()}))
+        {f"{k[0]}|seed{k[1]}": v for k, v in runs.items()}))
     if FLAGS.grid == "full" and out == pathlib.Path(__file__).parent / "results":
         replace_results_block(out.parent / "README.md", "\n\n".join(sections)
                       + f"\n\nProduced by `{command}`.")
