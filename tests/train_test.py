@@ -145,6 +145,11 @@ def test_run_record_files(finished_run):
     assert all(np.isfinite(r["loss"]) for r in metrics)
     events = [e["event"] for e in read_jsonl(finished_run / "events.jsonl")]
     assert events[0] == "start" and "checkpoint" in events and events[-1] == "end"
+    work = [e for e in read_jsonl(finished_run / "events.jsonl") if e["event"] == "work"]
+    microbatches = config["train"]["microbatches"]
+    assert [e["step"] for e in work] == list(range(1, config["train"]["steps"] + 1))
+    assert all(e["microbatches"] == {"io": microbatches, "stage0": microbatches,
+                                     "stage1": microbatches} for e in work)
     assert (finished_run / "loss.png").stat().st_size > 1000
     assert list((finished_run / "tb").glob("events.out.tfevents.*"))
 

@@ -144,7 +144,9 @@ def train_and_evaluate(
             if rolled_back is not None:
                 model_step = rolled_back[0]
                 batches.set_state(rolled_back[1]["iterator"])
-        state, metrics = train_step(state, next(batches), route_fn(step - 1))
+        route = route_fn(step - 1)
+        state, metrics = train_step(state, next(batches), route)
+        run.event(step, "work", microbatches=work_done(route, model.n_stages))
         model_step += 1
         if config.sim.straggler_sigma:  # a fresh, seeded straggler draw every step
             iteration = method.iteration(seed=config.sim.failure_seed * 1_000_003 + step)
@@ -192,6 +194,17 @@ def train_and_evaluate(
     )
     print(format_summary(summary, metrics_log))
     return summary
+
+
+def work_done(route_MP, n_stages: int) -> dict[str, int]:
+    """Microbatches each stage's node processed in one step (what decjax.payments pays for).
+
+    The io node embeds and scores every microbatch; body stage ``s`` runs the microbatches
+    whose route visits it.
+    """
+    route = np.asarray(route_MP)
+    return {"io": int(route.shape[0]),
+            **{f"stage{s}": int((route == s).sum()) for s in range(n_stages)}}
 
 
 def _recover(method, run, clock, step, state, failed, last_metrics, n_stages):

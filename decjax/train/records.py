@@ -2,7 +2,9 @@
 
 ``metrics.jsonl`` holds one JSON object per line; training lines have ``"split": "train"``,
 evaluation lines ``"split": "val"``. ``events.jsonl`` holds what happened to the run
-(start, resume, checkpoint, ...), one event per line with its step.
+(start, resume, checkpoint, failure, recovery, ...), one event per line with its step, and one
+``"work"`` event per step: the microbatches each stage's node processed
+(``{"io": M, "stage0": ..., ...}``), which :mod:`decjax.payments` settles.
 """
 
 import json
