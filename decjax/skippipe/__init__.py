@@ -1,11 +1,21 @@
 """SkipPipe: partial and reordered pipelines, each microbatch on its own scheduled path.
 
 Path rules and the per-iteration :class:`Schedule` (spec skippipe.md §2.2, §2.7), rule-abiding
-schedules, the event-based makespan simulator, the collision-aware planner with lower bounds,
-training along scheduled paths (``Schedule.route()`` feeds ``StagedLlama``), and evaluation
-with omitted stages.
+schedules, a GCMA-style node allocation, the event-based makespan simulator, the
+collision-aware planner with lower bounds, training along scheduled paths
+(``Schedule.route()`` feeds ``StagedLlama``), and evaluation with omitted stages.
 """
 
+from decjax.skippipe.allocation import (
+    MAX_TSP_GROUPS,
+    Allocation,
+    aligned_pipeline_schedule,
+    allocation_score,
+    bottleneck_matching,
+    gcma_allocation,
+    round_robin_allocation,
+    tsp_path,
+)
 from decjax.skippipe.builders import (
     full_pipeline_schedule,
     round_robin_schedule,
@@ -56,25 +66,30 @@ from decjax.skippipe.train import (
 )
 
 __all__ = [
-    "REFERENCE_PARTITION",
-    "Instance",
-    "reference_instance",
+    "Allocation",
     "CHOICES",
     "IO",
+    "Instance",
     "KINDS",
+    "MAX_TSP_GROUPS",
     "NORMALIZATIONS",
     "PRIORITIES",
     "REFERENCE_MEMORY",
+    "REFERENCE_PARTITION",
     "REFERENCE_TASK_GAP_S",
     "RULES",
     "Schedule",
     "ScheduleError",
     "Timeline",
+    "aligned_pipeline_schedule",
+    "allocation_score",
     "baseline_makespan",
+    "bottleneck_matching",
     "cpsat_bound",
     "eval_with_omitted_stages",
     "exhaustive_plan",
     "full_pipeline_schedule",
+    "gcma_allocation",
     "kept_stages",
     "legal_paths",
     "lower_bound",
@@ -86,11 +101,14 @@ __all__ = [
     "path_length",
     "path_violations",
     "plan",
+    "reference_instance",
     "rotating_plans",
     "rotating_schedules",
+    "round_robin_allocation",
     "round_robin_schedule",
     "simulate",
     "stage_major_allocation",
+    "tsp_path",
     "validate",
     "violations",
     "visits_per_stage",
