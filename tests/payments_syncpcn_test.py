@@ -41,7 +41,7 @@ from decjax.payments.syncpcn import (
     optimistic_messages,
     run_syncpcn,
 )
-from decjax.payments.syncpcn_privacy import (
+from decjax.payments.syncpcn.privacy import (
     ONION_BYTES,
     RFC3526_2048,
     SIM_GROUP,

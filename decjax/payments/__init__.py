@@ -2,8 +2,12 @@
 
 Pure Python, no JAX: a deterministic discrete-event core (events, network), cryptography
 (signatures, hash locks, quorum certificates), channels and the channel graph, committees with
-pluggable adversary behaviours, Brick-style registration, and invariant checkers. See
-``specs/payments.md``; items marked [R] there are reconstructions, not the paper's text.
+pluggable adversary behaviours, Brick-style registration, and invariant checkers; the two
+protocols (:mod:`~decjax.payments.syncpcn`, :mod:`~decjax.payments.psyncpcn`, each with its own
+adversaries), the impossibility demonstration (:mod:`~decjax.payments.impossibility`) and the
+settlement of training runs (:mod:`~decjax.payments.settle`). See ``specs/payments.md``; items
+marked [R] there are reconstructions, not the paper's text, and each protocol's docstring lists
+the steps that rest on them.
 """
 
 from decjax.payments.channels import (
@@ -67,6 +71,7 @@ from decjax.payments.errors import (
 )
 from decjax.payments.events import Node, Simulator, TraceEvent
 from decjax.payments.graph import ChannelGraph
+from decjax.payments.impossibility import demonstrate as demonstrate_impossibility
 from decjax.payments.network import (
     AsyncNetwork,
     Envelope,
@@ -77,6 +82,7 @@ from decjax.payments.network import (
     SyncNetwork,
     wire_size,
 )
+from decjax.payments.psyncpcn import PaymentSpec, PsyncRun, run_psyncpcn
 from decjax.payments.registration import (
     CloseDecision,
     FraudProof,
@@ -85,8 +91,21 @@ from decjax.payments.registration import (
     resolve_close,
     state_statement,
 )
+from decjax.payments.settle import (
+    NodePayment,
+    Settlement,
+    SettlementError,
+    WorkLogError,
+    read_work,
+    settle_run,
+    settlement_graph,
+)
+from decjax.payments.syncpcn import SyncParams, SyncRun, run_syncpcn
 
 __all__ = [
+    "NodePayment", "PaymentSpec", "PsyncRun", "Settlement", "SettlementError", "SyncParams",
+    "SyncRun", "WorkLogError", "demonstrate_impossibility", "read_work", "run_psyncpcn",
+    "run_syncpcn", "settle_run", "settlement_graph",
     "ABSENT", "LOCKED", "REFUNDED", "SETTLED",
     "AsyncNetwork", "Behaviour", "Channel", "ChannelClosed", "ChannelGraph", "CloseDecision",
     "Committee", "ConfigError", "CorrectBehaviour", "Crashed", "CryptoError", "DuplicateLock",
