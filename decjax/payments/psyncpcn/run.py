@@ -39,8 +39,13 @@ class Latency:
 
 
 def message_formula(hops: int, n: int, abort_at: int | None = None) -> dict[str, int]:
-    """Exact per-kind message counts of one payment with no faults: commit (``abort_at=None``)
-    or abort at hop ``abort_at`` (its registration fails)."""
+    """Per-kind message counts of one payment with no faults: commit (``abort_at=None``) or
+    abort at hop ``abort_at`` (its registration fails).
+
+    Exact when messages arrive in causal order (e.g. :class:`FixedDelay`); an upper bound under
+    reordering, where a member that receives the next committee's decision before its own lock
+    trigger skips its ``n`` LOCK votes.
+    """
     j = hops if abort_at is None else abort_at
     return {"CONSENT_REQ": hops, "CONSENT": hops, "INIT": n, "LOCK": (j - 1) * n * n,
             "DECISION": (j - 1) * n * n, "NOTIFY": 2 * j * n}
