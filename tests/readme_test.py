@@ -23,3 +23,5 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert 0 < namespace["iteration"].seconds < 230  # faster than full pipelines (230 s)
     assert namespace["pipe"].seconds > 0 and namespace["trace"].n_targets == 6
     assert (tmp_path / "runs" / "tiny" / "metrics.jsonl").exists()
+    assert set(namespace["modes"]) >= {"uniform_posterior", "cached_prior"}
+    assert namespace["payment"].status == ["committed"] and namespace["payment"].check() == []
