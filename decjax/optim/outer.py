@@ -13,12 +13,15 @@ cond): a non-sync step is then exactly the inner step plus a counter. Keep ``syn
 ``sync_every``: ``sync=False`` on a step that reaches ``sync_every`` skips that outer step.
 
 The anchor and the outer state are stored packed (:class:`Packed`: one flat buffer per dtype)
-unless ``pack_state=False``. A non-sync step only passes them through, and the per-buffer cost
-of a jitted step with donated arguments (host dispatch, aliasing) then dominates small and
-medium models on GPU: with two parameter-shaped float32 trees per leaf it made a non-sync
-update 1.3-2x slower than the inner update (``bench/noloco_step.py``). Packed, they add two
-buffers in all. Keep ``pack_state=False`` where the parameters of *one* replica are sharded
-over devices (FSDP, tensor parallelism), so the anchor keeps each leaf's sharding.
+unless ``pack_state=False``, and the outer rule runs on the packed buffers (it is elementwise,
+so no value changes; an outer optimizer given to DiLoCo sees one flat vector, so per-leaf
+transforms such as masks need ``pack_state=False``). A non-sync step only passes them
+through, and the per-buffer cost of a jitted step with donated arguments (host dispatch,
+aliasing) then dominates small and medium models on GPU: with two parameter-shaped float32
+trees per leaf it made a non-sync update 1.3-2x slower than the inner update
+(``bench/noloco_step.py``). Packed, they add two buffers in all. Keep ``pack_state=False``
+where the parameters of *one* replica are sharded over devices (FSDP, tensor parallelism), so
+the anchor keeps each leaf's sharding.
 """
 
 from collections.abc import Callable
@@ -120,15 +123,9 @@ def periodic_outer_step(
     inner = optax.with_extra_args_support(inner)
     store = pack if pack_state else (lambda tree: tree)
 
-    def load(params, anchor, outer):
-        if not pack_state:
-            return anchor, outer
-        like = float32_like(params)
-        return unpack(anchor, like), unpack(outer, jax.eval_shape(outer_init, like))
-
     def init_fn(params):
-        anchor = float32_copy(params)
-        return OuterState(inner.init(params), store(anchor), store(outer_init(anchor)),
+        anchor = store(float32_copy(params))
+        return OuterState(inner.init(params), anchor, outer_init(anchor),
                           jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32))
 
     def update_fn(updates, state, params=None, *, sync: bool | None = None, **extra_args):
@@ -141,14 +138,16 @@ def periodic_outer_step(
         count = state.count + 1
 
         def outer_step(_):
-            fast = jax.tree.map(lambda p, u: p.astype(jnp.float32) + u, params, updates)
-            anchor, outer = outer_rule(fast, *load(params, state.anchor, state.outer),
-                                       state.round)
+            fast = store(jax.tree.map(lambda p, u: p.astype(jnp.float32) + u, params, updates))
+            # The rule runs on the stored form (elementwise), so the new anchor and outer state
+            # can take the old buffers' place instead of being rebuilt.
+            anchor, outer = outer_rule(fast, state.anchor, state.outer, state.round)
+            anchor_tree = unpack(anchor, float32_like(params)) if pack_state else anchor
             # Move the parameters onto the new anchor; the difference is taken in float32.
             to_anchor = jax.tree.map(lambda a, p, u: (a - p.astype(jnp.float32)).astype(u.dtype),
-                                     anchor, params, updates)
-            return to_anchor, OuterState(inner_state, store(anchor), store(outer),
-                                         jnp.zeros_like(count), state.round + 1)
+                                     anchor_tree, params, updates)
+            return to_anchor, OuterState(inner_state, anchor, outer, jnp.zeros_like(count),
+                                         state.round + 1)
 
         def inner_step(_):
             return updates, state._replace(inner=inner_state, count=count)
