@@ -36,6 +36,13 @@ def full_route(n_microbatches: int, n_stages: int) -> np.ndarray:
     return np.tile(np.arange(n_stages, dtype=np.int32), (n_microbatches, 1))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init_staged(config: LlamaConfig, n_stages: int, key: jax.Array) -> Params:
+    """Module level so one compilation serves every model of the same shape."""
+    state = nnx.state(Llama(config, nnx.Rngs(key)))
+    return monolithic_to_staged(nnx.to_pure_dict(state), n_stages)
+
+
 def monolithic_to_staged(llama_params: dict, n_stages: int) -> Params:
     """Converts a :class:`Llama` pure-dict state into the staged layout."""
     blocks = llama_params["blocks"]
@@ -99,13 +106,7 @@ class StagedLlama:
 
     def init(self, key: jax.Array) -> Params:
         """Staged parameters; identical values to ``Llama(config, nnx.Rngs(key))``."""
-
-        @jax.jit
-        def make(key):
-            state = nnx.state(Llama(self.config, nnx.Rngs(key)))
-            return monolithic_to_staged(nnx.to_pure_dict(state), self.n_stages)
-
-        return make(key)
+        return _init_staged(self.config, self.n_stages, key)
 
     def abstract_params(self) -> Params:
         """Shapes and dtypes of :meth:`init`'s output, without allocating anything."""
