@@ -52,4 +52,10 @@ def test_skippipe_quick_grid_writes_tables_and_plot(tmp_path):
         assert f"| {label} |" in table
     assert "keep 50%" in table and "Omitted stages" in table
     assert (tmp_path / "quick_val_loss.png").stat().st_size > 1000
-    assert len(list((tmp_path / "runs").glob("*/result.json"))) == 4
+    assert len(list((tmp_path / "runs").glob("*/result.json"))) == 6
+    # A rerun reuses the stored rotations, so every run's routes digest matches: no training.
+    again = subprocess.run(
+        [sys.executable, "experiments/skippipe/run.py", "--grid=quick", f"--out={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "done " not in again.stdout and "retraining" not in again.stdout
