@@ -80,10 +80,11 @@ SKIPS = (0.25, 1 / 3)
 MICROBATCHES = 30
 INSTANCES = {"20 nodes (reference)": (5, 3, 3, 3, 3, 3), "18 nodes": (3, 3, 3, 3, 3, 3)}
 GRIDS = {
-    "full": dict(instances=tuple(INSTANCES), datasets=("pystdlib", "synthetic"), seeds=(0, 1),
+    "full": dict(instances=tuple(INSTANCES), studies=("pystdlib", "synthetic", "deep"),
+                 seeds=(0, 1),
                  steps=800, evaluations=4000, gcma_evaluations=2000,
                  budget_s=9.0, rotation_budget_s=3.0, eval_every=50, eval_batches=8),
-    "quick": dict(instances=("20 nodes (reference)",), datasets=("pystdlib",), seeds=(0,),
+    "quick": dict(instances=("20 nodes (reference)",), studies=("pystdlib",), seeds=(0,),
                   steps=6, evaluations=40, gcma_evaluations=100,
                   budget_s=0.5, rotation_budget_s=0.3, eval_every=3, eval_batches=2),
 }
@@ -110,6 +111,21 @@ VARIANTS = {
     # The skip ratio annealed to 0 (spec §7): the early, fast skip iterations, then full depth.
     "skip33-then-full": Variant("33 % skip (no swaps) for half the run, then full pipelines",
                                 1 / 3, 0, "tab:green", skip_until=0.5),
+}
+
+
+class Study(NamedTuple):
+    """One set of training runs: a dataset, the proxy's depth and the variants trained."""
+    dataset: str
+    layers_per_stage: int = 1
+    variants: tuple = tuple(VARIANTS)
+
+
+STUDIES = {
+    "pystdlib": Study("pystdlib"),
+    "synthetic": Study("synthetic"),
+    # Does the skip runs' gap shrink with deeper stages (the paper's hold 4 layers each)?
+    "deep": Study("pystdlib", 2, ("skip0", "skip25", "skip25-noswap")),
 }
 ROTATIONS = list(dict.fromkeys((v.skip, v.max_swaps) for v in VARIANTS.values() if v.skip))
 
@@ -261,18 +277,18 @@ def entropy_floor(data) -> float:
     return float(counts @ rates / counts.sum())
 
 
-def make_model(vocab_size: int) -> StagedLlama:
+def make_model(vocab_size: int, layers_per_stage: int = 1) -> StagedLlama:
     cfg = LlamaConfig(vocab_size=vocab_size, d_model=PROXY["d_model"], n_heads=PROXY["n_heads"],
-                      n_layers=PROXY["n_stages"], d_ff=PROXY["d_ff"])
+                      n_layers=PROXY["n_stages"] * layers_per_stage, d_ff=PROXY["d_ff"])
     return StagedLlama(cfg, PROXY["n_stages"], skip_by_branching=True)
 
 
 class Trainer:
     """One model, optimizer and jitted step shared by every run (every route has one shape)."""
 
-    def __init__(self, data, steps: int):
+    def __init__(self, data, steps: int, layers_per_stage: int = 1):
         self.data, self.steps = data, steps
-        self.model = make_model(data.tokenizer.vocab_size)
+        self.model = make_model(data.tokenizer.vocab_size, layers_per_stage)
         schedule = optax.warmup_cosine_decay_schedule(
             0.0, PROXY["lr"], min(PROXY["warmup"], max(1, steps // 5)), steps, PROXY["lr"] / 10)
         self.tx = stage_adamw(schedule)
@@ -366,13 +382,16 @@ def iteration_seconds(variant: Variant, rows: dict, rotations: dict, instance: s
     return float(np.mean(rotations[_rotation_key(variant.skip, variant.max_swaps)]["seconds"]))
 
 
-def train_runs(dataset: str, trainer: Trainer, rotations: dict, grid: dict, steps: int,
+def train_runs(study_name: str, trainer: Trainer, rotations: dict, grid: dict, steps: int,
                out: pathlib.Path, prefix: str) -> dict:
-    """Every (variant, seed) run on one dataset, trained or reused."""
-    runs = {}
-    # The pystdlib runs keep their original names and configs, so stored runs stay reusable.
-    tag, extra = ("", {}) if dataset == "pystdlib" else (f"{dataset}-", {"data": dataset})
-    for name in check_variants(FLAGS.variants) or VARIANTS:
+    """Every (variant, seed) run of one study, trained or reused."""
+    runs, study = {}, STUDIES[study_name]
+    # The first study's runs keep their original names and configs, so stored runs stay
+    # reusable; the others add only what differs.
+    tag = "" if study_name == "pystdlib" else f"{study_name}-"
+    extra = ({"data": study.dataset} if study.dataset != "pystdlib" else {}) | (
+        {"layers_per_stage": study.layers_per_stage} if study.layers_per_stage != 1 else {})
+    for name in [v for v in check_variants(FLAGS.variants) or VARIANTS if v in study.variants]:
         for seed in [int(s) for s in FLAGS.seeds] or grid["seeds"]:
             variant = VARIANTS[name]
             routes = training_routes(variant, rotations, steps)
@@ -399,6 +418,11 @@ def _mean_std(values, digits=3) -> str:
     return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
 
 
+def _trained(runs: dict) -> list:
+    """The variants (name, Variant) that ``runs`` holds, in table order."""
+    return [(name, v) for name, v in VARIANTS.items() if any(k[0] == name for k in runs)]
+
+
 def iterations_to_reach(run: dict, loss: float) -> float:
     """First (interpolated) iteration at which a run's validation loss reaches ``loss``;
     ``inf`` if it never does."""
@@ -418,7 +442,7 @@ def training_table(runs: dict, grid: dict, steps: int, clock: dict,
         "0 % run at the same sim. hours", "sim. time speed-up to equal loss",
         "sim. s / iteration", "sim. hours", "measured train wall (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, variant in VARIANTS.items():
+    for name, variant in _trained(runs):
         final = np.array([runs[(name, s)]["val_loss"][-1] for s in seeds])
         gap = 100 * (final - base) / base
         elapsed = float(sim_seconds(name, steps, clock, steps))
@@ -482,18 +506,19 @@ def omitted_table(runs: dict, grid: dict) -> str:
     return "\n".join(lines)
 
 
-DATASET_TITLES = {"pystdlib": "Python source (far from converged)",
-                  "synthetic": "synthetic Markov domains (near convergence)"}
+STUDY_TITLES = {"pystdlib": "Python source (far from converged)",
+                "synthetic": "synthetic Markov domains (near convergence)",
+                "deep": "Python source, 2 blocks per stage"}
 
 
 def plot_training(runs: dict, grid: dict, clock: dict, floors: dict,
                   path: pathlib.Path) -> None:
     """Validation loss against iterations (left) and simulated hours (right), a row per
-    dataset; the synthetic row also draws the entropy floor."""
+    study; the synthetic row also draws the entropy floor."""
     fig, axes = plt.subplots(len(runs), 2, figsize=(11, 4 * len(runs)), dpi=110,
                              squeeze=False)
-    for row, (dataset, cells) in zip(axes, runs.items(), strict=True):
-        for name, variant in VARIANTS.items():
+    for row, (study, cells) in zip(axes, runs.items(), strict=True):
+        for name, variant in _trained(cells):
             cell = [cells[(name, s)] for s in grid["seeds"]]
             steps = np.array(cell[0]["steps"])
             loss = np.mean([r["val_loss"] for r in cell], axis=0)
@@ -505,10 +530,10 @@ def plot_training(runs: dict, grid: dict, clock: dict, floors: dict,
         row[0].set_xlabel("iteration")
         row[1].set_xlabel("simulated hours (500M costs, 20-node reference instance, GCMA)")
         for ax in row:
-            if floors.get(dataset):
-                ax.axhline(floors[dataset], color="gray", ls=":", label="entropy floor")
+            if floors.get(study):
+                ax.axhline(floors[study], color="gray", ls=":", label="entropy floor")
             ax.set_ylabel("val loss, full model (nats/byte)")
-            ax.set_title(DATASET_TITLES.get(dataset, dataset), fontsize=10)
+            ax.set_title(STUDY_TITLES.get(study, study), fontsize=10)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.suptitle(f"Measured losses of the proxy, mean of {len(grid['seeds'])} seed(s)")
@@ -542,12 +567,16 @@ def main(argv):
     instance = grid["instances"][0]
     clock = {name: iteration_seconds(v, rows, rotations, instance)
              for name, v in VARIANTS.items()}
-    runs, floors = {}, {}
-    for dataset in grid["datasets"]:
-        data = load_data(data_config(dataset), seq_len=PROXY["seq_len"])
-        floors[dataset] = entropy_floor(data) if data.entropy_rate else None
-        runs[dataset] = train_runs(dataset, Trainer(data, steps), rotations, grid, steps, out,
-                                   prefix)
+    runs, floors, datasets = {}, {}, {}
+    for name in grid["studies"]:
+        study = STUDIES[name]
+        if study.dataset not in datasets:
+            datasets[study.dataset] = load_data(data_config(study.dataset),
+                                                seq_len=PROXY["seq_len"])
+        data = datasets[study.dataset]
+        floors[name] = entropy_floor(data) if data.entropy_rate else None
+        runs[name] = train_runs(name, Trainer(data, steps, study.layers_per_stage), rotations,
+                                grid, steps, out, prefix)
     if FLAGS.variants or FLAGS.seeds:
         print("trained a subset (--variants/--seeds); run without them to write the tables")
         return
@@ -565,6 +594,12 @@ def main(argv):
                 f"{floors['synthetic']:.3f} nats per byte (the best any model can do); columns "
                 "as in table 2.\n\n"
                 + training_table(runs["synthetic"], grid, steps, clock, floors["synthetic"]))
+    if "deep" in runs:
+        publish("2c. Deeper stages (measured losses, simulated clock)",
+                f"Table 2 again with {STUDIES['deep'].layers_per_stage} blocks per stage (10 "
+                "blocks in all, 0.69M parameters), the same schedules, clock and Python source, "
+                "so a skipped stage or a swap moves a smaller share of the depth; columns as in "
+                "table 2.\n\n" + training_table(runs["deep"], grid, steps, clock))
     publish("3. Omitted stages at inference (measured)", omitted_table(runs["pystdlib"], grid))
     write_atomically(out / f"{prefix}runs.json", json.dumps(
         {f"{'' if d == 'pystdlib' else d + '/'}{k[0]}|seed{k[1]}": v
