@@ -23,7 +23,7 @@ from decjax.optim import (
     stack_replicas,
     unpack,
 )
-from decjax.optim.replicas import groups_of_round
+from decjax.optim.replicas import grouping_pool, groups_of_round
 from decjax.testing import log_compilations
 
 INNER_LR = 0.1
@@ -120,7 +120,8 @@ def assert_history_close(history, reference, atol=1e-5):
 
 
 @pytest.mark.parametrize("n_replicas,group_size,gamma", [
-    (2, 2, None), (8, 2, None), (8, 2, 0.9), (8, 4, None), (8, 4, 1.1)])
+    (2, 2, None), (8, 2, None), (8, 2, 0.9), (8, 4, None), (8, 4, 1.1),
+    (3, 2, None), (5, 2, 0.9), (7, 2, None), (6, 4, None)])
 def test_noloco_matches_numpy_equations(n_replicas, group_size, gamma):
     tx = noloco(optax.sgd(INNER_LR), sync_every=3, outer_lr=0.7, outer_momentum=0.5,
                 gamma=gamma, group_size=group_size)
@@ -203,10 +204,11 @@ def test_groups_of_one_train_replicas_independently():
     lambda: noloco(optax.sgd(INNER_LR), sync_every=2, gamma=0.9, group_size=4),
     lambda: diloco(optax.adam(0.01), sync_every=2),
 ], ids=["noloco", "noloco-general-gamma", "diloco"])
-def test_vmap_and_shard_map_give_the_same_parameters(make_tx):
-    mesh = jax.make_mesh((8,), ("replica",))
-    stacked, _ = run_replicas(make_tx(), 8, n_steps=7)
-    sharded, state = run_replicas(make_tx(), 8, n_steps=7, mesh=mesh)
+@pytest.mark.parametrize("n_replicas", [8, 7])
+def test_vmap_and_shard_map_give_the_same_parameters(make_tx, n_replicas):
+    mesh = jax.make_mesh((n_replicas,), ("replica",), devices=jax.devices()[:n_replicas])
+    stacked, _ = run_replicas(make_tx(), n_replicas, n_steps=7)
+    sharded, state = run_replicas(make_tx(), n_replicas, n_steps=7, mesh=mesh)
     assert_history_close(stacked, [_flat(p) for p in sharded], atol=1e-6)
     assert state.anchor.buffers[0].sharding.spec[0] == "replica"
 
@@ -340,8 +342,10 @@ def test_stability_window_warns_with_the_window():
 
 
 def test_bad_arguments_and_unbound_axis_are_explained():
-    with pytest.raises(ValueError, match="group_size=3 must be >= 1 and divide"):
-        run_replicas(noloco(optax.sgd(0.1), group_size=3, sync_every=1), 4, n_steps=1)
+    assert groups_of_round(0, 3, 2) == [[0, 1, 2]]  # an odd count: one group of three
+    assert sorted(map(len, groups_of_round(0, 5, 2))) == [2, 3]
+    with pytest.raises(ValueError, match="group_size=0 and n_replicas=4 must be >= 1"):
+        grouping_pool(4, 0, 1, 0)
     tx = noloco(optax.sgd(0.1), sync_every=1)
     params = {"w": jnp.zeros(2)}
     with pytest.raises(NameError, match="axis_name='replica' is not bound"):

@@ -106,7 +106,8 @@ def noloco(
       outer_lr: :math:`\beta` (paper: 0.7).
       outer_momentum: :math:`\alpha` (paper: 0.5).
       gamma: weight of the pull towards the group's mean anchor; ``None`` means ``outer_lr``.
-      group_size: replicas per group (paper: 2); must divide the number of replicas.
+      group_size: replicas per group (paper: 2); when it does not divide the number of
+        replicas, the replicas left over join the first groups (pairs: one group of three).
       axis_name: the replica axis; ``None`` runs a single replica (its group is itself).
       seed: seed of the peer draws.
       pool_size: number of distinct groupings the draws pick from.

@@ -63,32 +63,44 @@ def grouping_pool(n_replicas: int, group_size: int, pool_size: int, seed: int) -
     """Random partitions of the replicas into groups, as source tables for a peer exchange.
 
     Each grouping follows the reference NoLoCo code: draw a permutation ``perm`` of the
-    replicas and form the groups ``perm[k::R // n]``. Member ``q`` of a group receives, for
-    every shift ``s`` in ``1..n-1``, the value of member ``(q + s) % n``.
+    replicas and form the groups ``perm[k::G]`` with ``G = max(1, R // n)`` groups. Member
+    ``q`` of a group of ``m`` receives, for every shift ``s`` in ``1..m-1``, the value of member
+    ``(q + s) % m``.
+
+    When ``n`` does not divide ``R`` (an odd number of replicas left after a failure, say) the
+    ``R mod n`` replicas left over join the first groups, one each, so nobody sits a round out;
+    with pairs, that is one group of three. A member of a group smaller than the largest one
+    "receives from itself" at the shifts it does not have (:func:`pad_mask` marks them).
 
     Args:
-      n_replicas: ``R``, divisible by ``group_size``.
-      group_size: ``n``, replicas per group (2 = pairs).
+      n_replicas: ``R >= 1``.
+      group_size: ``n >= 1``, replicas per group (2 = pairs).
       pool_size: number of groupings drawn.
       seed: seed of the draw; every replica computes the same pool.
 
     Returns:
-      ``int32[pool_size, group_size - 1, R]``: ``pool[k, s - 1, i]`` is the replica that ``i``
-      receives from at shift ``s`` in grouping ``k``.
+      ``int32[pool_size, m_max - 1, R]``: ``pool[k, s - 1, i]`` is the replica that ``i``
+      receives from at shift ``s`` in grouping ``k`` (``m_max`` is the largest group's size).
     """
-    if group_size < 1 or n_replicas % group_size:
-        raise ValueError(
-            f"group_size={group_size} must be >= 1 and divide the number of replicas "
-            f"({n_replicas})")
+    if group_size < 1 or n_replicas < 1:
+        raise ValueError(f"group_size={group_size} and n_replicas={n_replicas} must be >= 1")
     rng = np.random.default_rng(seed)
-    n_groups = n_replicas // group_size
-    pool = np.empty((pool_size, group_size - 1, n_replicas), np.int32)
+    n_groups = max(1, n_replicas // group_size)
+    largest = -(-n_replicas // n_groups)
+    pool = np.empty((pool_size, largest - 1, n_replicas), np.int32)
     for k in range(pool_size):
         perm = rng.permutation(n_replicas)
-        groups = np.stack([perm[g::n_groups] for g in range(n_groups)])  # [groups, n]
-        for shift in range(1, group_size):
-            pool[k, shift - 1, groups] = np.roll(groups, -shift, axis=1)
+        pool[k] = np.arange(n_replicas)  # padding: a missing shift receives from itself
+        for g in range(n_groups):
+            group = perm[g::n_groups]
+            for shift in range(1, group.size):
+                pool[k, shift - 1, group] = np.roll(group, -shift)
     return pool
+
+
+def pad_mask(sources: np.ndarray) -> np.ndarray:
+    """``bool[..., m_max - 1, R]``: the shifts at which a replica receives from itself."""
+    return sources == np.arange(sources.shape[-1])
 
 
 def _pick(round_index: jax.Array, pool_size: int, seed: int) -> jax.Array:
@@ -119,13 +131,21 @@ def group_mean(tree: PyTree, round_index: jax.Array, axis_name: str | None, *,
         return tree
     pool = grouping_pool(axis_size(axis_name), group_size, pool_size, seed)
     pick = _pick(uniform(round_index, axis_name), pool_size, seed)
+    padded = pad_mask(pool)
     if in_shard_map(axis_name):
         branches = [functools.partial(_receive_ppermute, sources=sources, axis_name=axis_name)
                     for sources in pool]
         received = lax.switch(pick, branches, tree)
     else:
         received = _receive_gather(tree, jnp.asarray(pool)[pick], axis_name)
-    return jax.tree.map(lambda x, r: (x + r) / group_size, tree, received)
+    if not padded.any():  # equal groups: every shift is a real peer
+        return jax.tree.map(lambda x, r: (x + r) / (pool.shape[1] + 1), tree, received)
+    # Unequal groups: drop what a replica "received" from itself and divide by its group's size.
+    me = lax.axis_index(axis_name)
+    n_padded = jnp.asarray(padded.sum(axis=1))[pick, me]
+    size = (pool.shape[1] + 1 - n_padded).astype(jnp.float32)
+    return jax.tree.map(lambda x, r: ((x + r - n_padded * x) / size).astype(x.dtype),
+                        tree, received)
 
 
 def _receive_ppermute(tree: PyTree, sources: np.ndarray, axis_name: str) -> PyTree:

@@ -27,6 +27,7 @@ spread of the parameters.
 """
 
 import dataclasses
+import functools
 import numbers
 import time
 from collections.abc import Iterator
@@ -139,8 +140,6 @@ def _check_config(c: ReplicatedConfig) -> None:
              c.n_heads, f"must divide d_model={c.d_model} into heads of even width (rotary)")
     _require(c.method != "dp" or c.sync_every in (0, 1), "sync_every", c.sync_every,
              "0 or 1 for method='dp' (data parallel syncs every step)")
-    _require(c.method != "noloco" or c.n_replicas % NOLOCO["group_size"] == 0, "n_replicas",
-             c.n_replicas, f"a multiple of NoLoCo's group size {NOLOCO['group_size']}")
 
 
 # -- model and optimizers ---------------------------------------------------------------------
@@ -207,8 +206,13 @@ def next_token_loss(graphdef, params, rows_BT1: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, rows_BT1[:, 1:]).mean()
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, method: str):
-    """Jitted ``step(replicas, rows_RBT1) -> (replicas, loss_R)``: one inner step per replica."""
+def make_train_step(graphdef, tx: optax.GradientTransformation, method: str,
+                    mesh: jax.sharding.Mesh | None = None):
+    """Jitted ``step(replicas, rows_RBT1) -> (replicas, loss_R)``: one inner step per replica.
+
+    ``mesh=None`` stacks the replicas on one device (``vmap``); a mesh with axis ``"replica"``
+    runs one replica per device, across processes too (``shard_map``).
+    """
 
     def replica_step(params, opt_state, rows_BT1):
         loss, grads = jax.value_and_grad(lambda p: next_token_loss(graphdef, p, rows_BT1))(params)
@@ -217,7 +221,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, method: str):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    step = replicate(replica_step, axis_name=AXIS)
+    step = replicate(replica_step, axis_name=AXIS, mesh=mesh)
 
     @jax.jit
     def train_step(replicas: Replicas, rows_RBT1: jax.Array):
@@ -239,15 +243,19 @@ def parameter_spread(params_R) -> jax.Array:
     return jnp.sqrt(total_var / sum(x[0].size for x in leaves))
 
 
-def make_evaluate(graphdef, rows_NBT1: np.ndarray):
-    """Jitted ``evaluate(params_R) -> (loss_R, averaged_loss, spread)`` on fixed rows."""
+def make_evaluate(graphdef, rows_NBT1: np.ndarray, out_shardings=None):
+    """Jitted ``evaluate(params_R) -> (loss_R, averaged_loss, spread)`` on fixed rows.
+
+    ``out_shardings``: e.g. a replicated ``NamedSharding``, so that every process of a
+    multi-process run can read the results.
+    """
     rows_NBT1 = jnp.asarray(rows_NBT1)
 
     def loss_of(params):
         per_batch = lax.map(lambda rows: next_token_loss(graphdef, params, rows), rows_NBT1)
         return per_batch.mean()
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=out_shardings)
     def evaluate(params_R):
         return (jax.vmap(loss_of)(params_R), loss_of(average(params_R)),
                 parameter_spread(params_R))
