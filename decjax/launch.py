@@ -21,7 +21,7 @@ _DEVICES = flags.DEFINE_integer("devices_per_process", 1, "CPU devices (replicas
 _RESPAWN = flags.DEFINE_integer("respawn", 0, "Replacements to start for processes that die.")
 _TIMEOUT = flags.DEFINE_float("timeout_s", 0, "Hard deadline for the run in seconds (0: none).")
 _RANKS = flags.DEFINE_list("ranks", None, "Start only these process ids here (default: all).")
-_LOG_DIR = flags.DEFINE_string("log_dir", "runs/launch", "Folder for logs and PIDs.")
+_LOGS = flags.DEFINE_string("logs", "runs/launch", "Folder for the processes' logs and PIDs.")
 
 
 def main(argv):
@@ -30,7 +30,7 @@ def main(argv):
         sys.exit(launch(main_argv(argv), processes=_PROCESSES.value, port=_PORT.value,
                         host=_HOST.value, devices_per_process=_DEVICES.value,
                         respawn=_RESPAWN.value, timeout_s=_TIMEOUT.value, ranks=ranks,
-                        log_dir=_LOG_DIR.value))
+                        log_dir=_LOGS.value))
     except LaunchError as e:
         raise SystemExit(f"error: {e}") from None
 

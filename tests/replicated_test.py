@@ -98,3 +98,28 @@ def test_every_method_lowers_the_validation_loss(method, data):
 def test_config_errors_name_the_field(changes, message):
     with pytest.raises(ValueError, match=message):
         ReplicatedConfig(**(TINY | changes))
+
+
+def test_the_replicated_config_trains_alone_like_the_vmap_run_and_keeps_a_finished_run(
+        tmp_path):
+    import json
+
+    from configs import noloco
+    from decjax.train import validate
+    from decjax.train.config import ConfigError
+    from decjax.train.distributed import run_config, train_distributed
+
+    config = noloco.get_config(f"size=tiny,replicas={len(jax.devices())}")
+    config.run.steps, config.run.progress = 6, False
+    validate(config)
+    result = train_distributed(run_config(config), config.dist, tmp_path)
+    alone = train(run_config(config))
+    np.testing.assert_allclose(result["train_loss"], alone.train_loss, atol=1e-6)
+    assert json.loads((tmp_path / "result.json").read_text()) == result
+    before = (tmp_path / "result.json").read_bytes()
+    with pytest.raises(ValueError, match="already holds a finished run"):
+        train_distributed(run_config(config), config.dist, tmp_path)
+    assert (tmp_path / "result.json").read_bytes() == before
+    config.run.unlocked = 1  # an unknown field
+    with pytest.raises(ConfigError, match="unexpected keyword argument 'unlocked'"):
+        validate(config)

@@ -8,11 +8,14 @@ others with it. Membership changes in two ways:
   survivor at once (``multihost_utils.live_devices`` is atomic); the survivors agree on the
   live devices and carry on over them in the same epoch;
 * **grow** — a replacement asks to join through the *rendezvous folder*; at the next check
-  the members tear the runtime down and start a new **epoch**: a fresh coordination service
-  on a new port, the survivors first (in their old order, so process 0 stays 0), then the
-  joiners. A re-formed Gloo group cannot reuse device keys of a dead member
-  (``ALREADY_EXISTS``), a fresh epoch can. State stays in the survivors' host memory across
-  the switch; no process restarts and nothing is read from disk.
+  process 0 admits it (same config only) and the group restarts as a new **epoch**: every
+  member saves its replicas to local storage and exits with :data:`REGROUP_EXIT_CODE`, and
+  the launcher starts the larger group on a fresh port, survivors keeping their process ids
+  and joiners taking those of the dead. The joiners' replicas are then copied from live peers
+  over a collective. A restart rather than a re-initialised runtime in the same processes: in
+  our tests survivors that re-initialised ``jax.distributed`` in place after a SIGKILL could
+  not form the new Gloo group (pairs timed out connecting, every trial), fresh processes
+  always could (see the README for the measured cost).
 
 Process 0 hosts the coordinator: its loss ends the run (a JAX limit, documented in the README).
 The rendezvous folder must be visible to the joiner and to process 0 (same machine or a shared
@@ -37,6 +40,16 @@ ENV_NUM_PROCESSES = "DECJAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "DECJAX_PROCESS_ID"
 ENV_RENDEZVOUS = "DECJAX_RENDEZVOUS"
 ENV_JOIN = "DECJAX_JOIN"  # set on a replacement process: it joins a running group
+ENV_EPOCH = "DECJAX_EPOCH"  # set on the processes of a restarted group
+REGROUP_EXIT_CODE = 75  # a member leaves so that the launcher restarts the group larger
+
+
+class Regroup(Exception):  # noqa: N818 (a signal to the entry point, not an error)
+    """This process leaves so that the group restarts, with joiners, as epoch ``epoch``."""
+
+    def __init__(self, epoch: int):
+        super().__init__(f"regroup into epoch {epoch}")
+        self.epoch = epoch
 
 
 def default_dist_config() -> ml_collections.ConfigDict:
@@ -99,8 +112,10 @@ class Group:
     """
 
     def __init__(self, membership: Membership | None, settings: ml_collections.ConfigDict,
-                 rendezvous: pathlib.Path | None, joined_with: dict | None = None):
+                 rendezvous: pathlib.Path | None, config_json: str,
+                 joined_with: dict | None = None):
         self.membership, self.settings, self.rendezvous = membership, settings, rendezvous
+        self.config_json = config_json
         self.joined_with = joined_with  # what the group told a replacement when it let it in
         self.devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
         self.dead_processes: set[int] = set()
@@ -108,17 +123,27 @@ class Group:
     # -- starting -----------------------------------------------------------------------
 
     @classmethod
-    def connect(cls, settings: ml_collections.ConfigDict) -> "Group":
-        """Joins the group this process was started for (launcher, cluster, or alone)."""
+    def connect(cls, settings: ml_collections.ConfigDict, config_json: str = "{}") -> "Group":
+        """Joins the group this process was started for (launcher, cluster, or alone).
+
+        ``config_json`` (the run's config) must be the same in every process: a member with
+        another one stops the start with an error naming the fields, a replacement with
+        another one is turned away.
+        """
         validate_dist_config(settings)
         rendezvous = os.environ.get(ENV_RENDEZVOUS)
         rendezvous = pathlib.Path(rendezvous) if rendezvous else None
         if os.environ.get(ENV_JOIN):
-            return cls._join(settings, rendezvous, os.environ[ENV_JOIN])
+            return cls._join(settings, rendezvous, os.environ[ENV_JOIN], config_json)
+        joined_with = None
         if ENV_COORDINATOR in os.environ:
-            membership = Membership(0, int(os.environ[ENV_PROCESS_ID]),
+            epoch = int(os.environ.get(ENV_EPOCH, "0"))
+            membership = Membership(epoch, int(os.environ[ENV_PROCESS_ID]),
                                     int(os.environ[ENV_NUM_PROCESSES]),
                                     os.environ[ENV_COORDINATOR])
+            if epoch:
+                joined_with = json.loads(
+                    (rendezvous / f"regroup-{epoch}.json").read_text())["extra"]
             _initialize(membership, settings)
         elif _cluster_detected():
             _enable_recovery(settings)
@@ -128,28 +153,29 @@ class Group:
                                     _jax_distributed.global_state.coordinator_address)
         else:
             membership = None
-        group = cls(membership, settings, rendezvous)
+        group = cls(membership, settings, rendezvous, config_json, joined_with)
+        group._check_same_config()
         group._mark_ready()
         return group
 
     @classmethod
-    def _join(cls, settings, rendezvous: pathlib.Path | None, token: str) -> "Group":
+    def _join(cls, settings, rendezvous: pathlib.Path | None, token: str,
+              config_json: str) -> "Group":
         """A replacement: asks to join, waits for the epoch that lets it in, initialises."""
         if rendezvous is None:
             raise RuntimeError(f"{ENV_JOIN} is set but {ENV_RENDEZVOUS} is not: a replacement "
                                "needs the group's rendezvous folder")
-        _write_json(rendezvous / f"join-{token}.json", {"token": token, "pid": os.getpid()})
+        _write_json(rendezvous / f"join-{token}.json",
+                    {"token": token, "pid": os.getpid(), "config": config_json})
         deadline = time.monotonic() + settings.join_timeout_seconds
         while time.monotonic() < deadline:
-            for path in sorted(rendezvous.glob("epoch-*.json")):
-                epoch = json.loads(path.read_text())
-                if token in epoch["joiners"]:
-                    membership = Membership(epoch["epoch"], epoch["joiners"][token],
-                                            epoch["num_processes"], epoch["coordinator"])
-                    _initialize(membership, settings)
-                    group = cls(membership, settings, rendezvous, joined_with=epoch["extra"])
-                    group._mark_ready()
-                    return group
+            rejected = rendezvous / f"reject-{token}.json"
+            if rejected.exists():
+                raise ValueError(f"the group turned this replacement away: "
+                                 f"{json.loads(rejected.read_text())['reason']}")
+            for path in sorted(rendezvous.glob("regroup-*.json")):
+                if token in json.loads(path.read_text())["joiners"]:
+                    raise Regroup(int(path.stem.removeprefix("regroup-")))
             time.sleep(0.05)
         raise TimeoutError(f"join request {token} was not let in within "
                            f"dist.join_timeout_seconds={settings.join_timeout_seconds}")
@@ -214,28 +240,20 @@ class Group:
             return value
         return self._client().blocking_key_value_get(full, int(timeout_s * 1000))
 
-    def check_same_config(self, config_json: str) -> None:
+    def _check_same_config(self) -> None:
         """Every member must run the same config; raises naming the fields that differ."""
         if not self.distributed:
             return
         client = self._client()
         epoch = self.membership.epoch
-        client.key_value_set(f"decjax/{epoch}/config/{self.process_id}", config_json)
+        client.key_value_set(f"decjax/{epoch}/config/{self.process_id}", self.config_json)
         timeout = int(self.settings.init_timeout_seconds * 1000)
-        mine = _flatten(json.loads(config_json))
-        for d in self.devices:
-            other = d.process_index
-            if other == self.process_id:
-                continue
-            theirs = _flatten(json.loads(
-                client.blocking_key_value_get(f"decjax/{epoch}/config/{other}", timeout)))
-            differ = sorted(k for k in mine.keys() | theirs.keys()
-                            if k not in ("workdir",) and mine.get(k) != theirs.get(k))
+        for other in sorted({d.process_index for d in self.devices} - {self.process_id}):
+            theirs = client.blocking_key_value_get(f"decjax/{epoch}/config/{other}", timeout)
+            differ = config_difference(self.config_json, theirs, f"process {other}")
             if differ:
-                shown = ", ".join(f"{k}: {mine.get(k)!r} here, {theirs.get(k)!r} in process "
-                                  f"{other}" for k in differ[:5])
-                raise ValueError(f"the processes were started with different configs ({shown}); "
-                                 "start every process with the same config")
+                raise ValueError(f"the processes were started with different configs "
+                                 f"({differ}); start every process with the same config")
 
     # -- growing ----------------------------------------------------------------------------
 
@@ -246,45 +264,61 @@ class Group:
             return []
         tokens = ""
         if self.is_leader:
-            tokens = ",".join(sorted(p.stem.removeprefix("join-")
-                                     for p in self.rendezvous.glob("join-*.json")))
+            tokens = ",".join(self._admissible_requests())
         tokens = self.agree(f"joins/{step}", tokens)
         return [t for t in tokens.split(",") if t]
 
-    def grow(self, tokens: list[str], extra: dict) -> dict[str, int]:
-        """Starts a new epoch with the live members and the joiners ``tokens``.
+    def _admissible_requests(self) -> list[str]:
+        """Join requests with this run's config; the others are turned away with a reason."""
+        tokens = []
+        for path in sorted(self.rendezvous.glob("join-*.json")):
+            request = json.loads(path.read_text())
+            differ = config_difference(self.config_json, request["config"], "the replacement")
+            if differ:
+                _write_json(self.rendezvous / f"reject-{request['token']}.json",
+                            {"reason": f"different config ({differ})"})
+                path.unlink()
+            else:
+                tokens.append(request["token"])
+        return tokens
 
-        All JAX arrays of this process are invalid afterwards: copy what must survive to host
-        memory first. ``extra`` (JSON) reaches the joiners as :attr:`joined_with`.
+    def plan_grow(self, tokens: list[str]) -> tuple[dict[int, int], dict[str, int]]:
+        """The process ids of the next epoch: ``(survivors old -> new, joiners by token)``.
 
-        Returns:
-          The joiners' new process ids, by token.
+        Survivors keep their ids and joiners fill the ids of the dead, lowest first (a
+        re-formed Gloo group whose members changed ids did not connect in our tests); only
+        when fewer join than died are the highest survivors moved down to close the gaps.
+        """
+        survivors = sorted({d.process_index for d in self.devices})
+        n_new = len(survivors) + len(tokens)
+        renumber = {p: p for p in survivors if p < n_new}
+        movers = [p for p in survivors if p >= n_new]
+        holes = [p for p in range(n_new) if p not in renumber]
+        for p, hole in zip(movers, holes, strict=False):
+            renumber[p] = hole
+        holes = [p for p in range(n_new) if p not in renumber.values()]
+        return renumber, dict(zip(tokens, holes, strict=True))
+
+    def regroup(self, tokens: list[str], extra: dict) -> None:
+        """Ends this epoch so that the launcher restarts the group with the joiners ``tokens``.
+
+        Process 0 writes ``regroup-<epoch>.json`` (the ids of :meth:`plan_grow` and ``extra``,
+        which every process of the new epoch reads as :attr:`joined_with`); every member then
+        leaves and raises :class:`Regroup`. Save what must survive first.
         """
         m = self.membership
-        survivors = sorted({d.process_index for d in self.devices})
-        new_id = survivors.index(m.process_id)
-        host = m.coordinator.rsplit(":", 1)[0]
-        port = int(self.agree(f"grow/{m.epoch}/port", str(free_port(host)) if self.is_leader
-                              else None))
-        joiners = {t: len(survivors) + i for i, t in enumerate(tokens)}
-        n_new = len(survivors) + len(tokens)
-        self._shutdown(survivors)
-        import jax.extend.backend
-
-        jax.extend.backend.clear_backends()
-        coordinator = f"{host}:{port}"
+        renumber, joiners = self.plan_grow(tokens)
         if self.is_leader:
             for t in tokens:
                 (self.rendezvous / f"join-{t}.json").unlink(missing_ok=True)
-            _write_json(self.rendezvous / f"epoch-{m.epoch + 1}.json", dict(
-                epoch=m.epoch + 1, coordinator=coordinator, num_processes=n_new,
-                joiners=joiners, extra=extra))
-        self.membership = Membership(m.epoch + 1, new_id, n_new, coordinator)
-        _initialize(self.membership, self.settings)
-        self.devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-        self.dead_processes = set()
-        self._mark_ready()
-        return joiners
+            _write_json(self.rendezvous / f"regroup-{m.epoch + 1}.json", dict(
+                num_processes=len(renumber) + len(joiners), joiners=joiners,
+                renumber={str(k): v for k, v in renumber.items()},
+                extra=dict(extra, regroup_time=time.time())))
+        self.agree(f"regroup/{m.epoch}", "written")  # the file exists before anyone leaves
+        self._shutdown(sorted(renumber))
+        self.membership = None
+        raise Regroup(m.epoch + 1)
 
     # -- stopping ---------------------------------------------------------------------------
 
@@ -294,7 +328,7 @@ class Group:
             client, deadline = self._client(), time.monotonic() + 30
             others = [p for p in members if p != 0]
             while others and time.monotonic() < deadline:
-                if set(client.get_live_nodes(others)) == set():
+                if set(client.get_live_nodes([0, *others])) <= {0}:
                     break
                 time.sleep(0.02)
         jax.distributed.shutdown()
@@ -302,6 +336,13 @@ class Group:
     def close(self) -> None:
         if self.distributed:
             self._shutdown(sorted({d.process_index for d in self.devices}))
+
+
+def config_difference(mine: str, theirs: str, who: str) -> str:
+    """The first fields in which two JSON configs differ, as text; empty if none."""
+    a, b = _flatten(json.loads(mine)), _flatten(json.loads(theirs))
+    differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    return ", ".join(f"{k}: {a.get(k)!r} here, {b.get(k)!r} in {who}" for k in differ[:5])
 
 
 def _flatten(tree, prefix: str = "") -> dict:

@@ -107,7 +107,7 @@ def launch(command: list[str], *, processes: int, log_dir: str | pathlib.Path, p
     """
     _check(processes, devices_per_process, respawn, port, ranks)
     command = _command(command)
-    if port and group_lib.port_in_use(host, port):
+    if port and (ranks is None or 0 in ranks) and group_lib.port_in_use(host, port):
         raise LaunchError(f"port={port} on {host} is in use: pass another --port, or --port=0 "
                           "to pick a free one")
     port = port or group_lib.free_port(host)
@@ -130,19 +130,34 @@ def launch(command: list[str], *, processes: int, log_dir: str | pathlib.Path, p
                                      stderr=subprocess.STDOUT, start_new_session=True)
         proc = Proc(rank, popen, log, time.monotonic())
         procs.append(proc)
-        group_lib._write_json(log_dir / "processes.json",
-                              {p.rank: p.pid for p in procs})
+        group_lib._write_json(log_dir / "processes.json", {
+            "pids": {p.rank: p.pid for p in procs if p.popen.poll() is None},
+            "all_pids": [p.pid for p in procs]})
         return proc
 
-    coordinator = f"{host}:{port}"
-    for rank in (ranks if ranks is not None else range(processes)):
-        start(str(rank), {group_lib.ENV_COORDINATOR: coordinator,
-                          group_lib.ENV_NUM_PROCESSES: str(processes),
-                          group_lib.ENV_PROCESS_ID: str(rank)})
-    say(f"{processes} processes, coordinator {coordinator}, logs in {log_dir}")
+    def start_epoch(epoch: int, n: int, local: list[int]) -> list[Proc]:
+        address = f"{host}:{port if epoch == 0 else group_lib.free_port(host)}"
+        return [start(str(rank), {group_lib.ENV_COORDINATOR: address,
+                                  group_lib.ENV_NUM_PROCESSES: str(n),
+                                  group_lib.ENV_PROCESS_ID: str(rank),
+                                  group_lib.ENV_EPOCH: str(epoch)}) for rank in local]
+
+    members = start_epoch(0, processes, ranks if ranks is not None else list(range(processes)))
+    say(f"{processes} processes, coordinator {host}:{port}, logs in {log_dir}")
     deadline = time.monotonic() + timeout_s if timeout_s else None
+    watch = _Watch(start, respawn, deadline, rendezvous, say)
     try:
-        return _watch(procs, start, respawn, deadline, rendezvous, processes, say)
+        epoch = 0
+        while True:
+            rc = watch.epoch(members, epoch, processes)
+            if rc != group_lib.REGROUP_EXIT_CODE:
+                return rc
+            epoch += 1
+            plan = json.loads((rendezvous / f"regroup-{epoch}.json").read_text())
+            processes = plan["num_processes"]
+            members = start_epoch(epoch, processes, list(range(processes)))
+            say(f"epoch {epoch}: restarted the group as {processes} processes "
+                f"({len(plan['joiners'])} joining)")
     finally:
         for proc in procs:  # every process this launcher started ends with it, by PID
             if proc.popen.poll() is None:
@@ -150,64 +165,75 @@ def launch(command: list[str], *, processes: int, log_dir: str | pathlib.Path, p
                 proc.popen.wait()
 
 
-def _ready(rendezvous: pathlib.Path, rank: str) -> bool:
-    return any(rendezvous.glob(f"ready-0-{rank}.json"))
+class _Watch:
+    """Watches one epoch's processes (and replacements) until process 0 ends."""
 
+    def __init__(self, start, respawn, deadline, rendezvous, say):
+        self.start, self.respawn, self.deadline = start, respawn, deadline
+        self.rendezvous, self.say, self.replacements = rendezvous, say, 0
 
-def _watch(procs, start, respawn, deadline, rendezvous, processes, say) -> int:
-    done: set[str] = set()
-    replacements = 0
-    while True:
-        if deadline is not None and time.monotonic() > deadline:
-            alive = [p.rank for p in procs if p.popen.poll() is None]
-            print(f"[launch] error: the run passed its deadline; killing processes {alive}",
-                  file=sys.stderr, flush=True)
-            return 124
-        for proc in list(procs):
-            rc = proc.popen.poll()
-            if rc is None or proc.rank in done:
-                continue
-            done.add(proc.rank)
-            if proc.rank == "0":
-                return _leader_exit(proc, rc, procs, rendezvous, processes, say)
-            if rc == 0:
-                continue
-            if not proc.rank.startswith("join") and not _ready(rendezvous, proc.rank):
-                print(f"[launch] error: process {proc.rank} stopped before the group formed "
-                      f"({_describe_exit(rc)}):\n{_tail(proc.log)}", file=sys.stderr, flush=True)
+    def _ready(self, epoch: int, rank: str) -> bool:
+        return (self.rendezvous / f"ready-{epoch}-{rank}.json").exists()
+
+    def epoch(self, members: list[Proc], epoch: int, processes: int) -> int:
+        procs, done = list(members), set()
+        while True:
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                alive = [p.rank for p in procs if p.popen.poll() is None]
+                print(f"[launch] error: the run passed its deadline; killing processes {alive}",
+                      file=sys.stderr, flush=True)
+                return 124
+            for proc in list(procs):
+                rc = proc.popen.poll()
+                if rc is None or proc.pid in done:
+                    continue
+                done.add(proc.pid)
+                if proc.rank == "0":
+                    return self._leader_exit(proc, rc, procs, epoch, processes)
+                if rc in (0, group_lib.REGROUP_EXIT_CODE):
+                    continue
+                if not proc.rank.startswith("join") and not self._ready(epoch, proc.rank):
+                    print(f"[launch] error: process {proc.rank} stopped before the group "
+                          f"formed ({_describe_exit(rc)}):\n{_tail(proc.log)}",
+                          file=sys.stderr, flush=True)
+                    return 1
+                self.say(f"process {proc.rank} (pid {proc.pid}) lost: {_describe_exit(rc)}")
+                if self.replacements < self.respawn:
+                    self.replacements += 1
+                    token = group_lib.new_join_token()
+                    procs.append(self.start(f"join-{token}", {group_lib.ENV_JOIN: token}))
+                    self.say(f"started replacement {procs[-1].rank} (pid {procs[-1].pid})")
+            time.sleep(POLL_SECONDS)
+
+    def _leader_exit(self, proc: Proc, rc: int, procs: list[Proc], epoch: int,
+                     processes: int) -> int:
+        if rc not in (0, group_lib.REGROUP_EXIT_CODE):
+            if not self._ready(epoch, "0"):
+                missing = [r for r in range(1, processes) if not self._ready(epoch, str(r))]
+                why = (f"processes {missing} never arrived (started elsewhere? check that they "
+                       "run and can reach the coordinator); " if missing and rc < 0 else "")
+                print(f"[launch] error: the group did not form: {why}process 0 stopped with "
+                      f"{_describe_exit(rc)}:\n{_tail(proc.log)}", file=sys.stderr, flush=True)
                 return 1
-            say(f"process {proc.rank} (pid {proc.pid}) lost: {_describe_exit(rc)}")
-            if replacements < respawn:
-                replacements += 1
-                token = group_lib.new_join_token()
-                new = start(f"join-{token}", {group_lib.ENV_JOIN: token})
-                say(f"started replacement {new.rank} (pid {new.pid})")
-        time.sleep(POLL_SECONDS)
-
-
-def _leader_exit(proc, rc, procs, rendezvous, processes, say) -> int:
-    if rc != 0:
-        missing = [r for r in range(processes) if not _ready(rendezvous, str(r))]
-        if missing and not _ready(rendezvous, "0"):
-            print(f"[launch] error: the group did not form: processes {missing} never "
-                  f"arrived (started elsewhere? check that they run and can reach the "
-                  f"coordinator); process 0 gave up with {_describe_exit(rc)}",
+            print(f"[launch] error: process 0 ({_describe_exit(rc)}); it hosts the "
+                  f"coordinator, so the run ends with it:\n{_tail(proc.log)}",
                   file=sys.stderr, flush=True)
-            return 1
-        print(f"[launch] error: process 0 ({_describe_exit(rc)}); it hosts the coordinator, so "
-              f"the run ends with it:\n{_tail(proc.log)}", file=sys.stderr, flush=True)
-        return rc if rc > 0 else 1
-    end = time.monotonic() + 30  # the others finish their shutdown
-    while time.monotonic() < end and any(p.popen.poll() is None for p in procs):
-        time.sleep(POLL_SECONDS)
-    failed = [p for p in procs if p.popen.returncode not in (0, None)
-              and p.popen.returncode > 0 and p.rank != "0"]
-    for p in failed:
-        print(f"[launch] process {p.rank} ended with {_describe_exit(p.popen.returncode)}:\n"
-              f"{_tail(p.log)}", file=sys.stderr, flush=True)
-    say(f"done: {len(procs)} processes started, "
-        f"{sum(p.popen.returncode not in (0, None) for p in procs)} lost")
-    return 0
+            return rc if rc > 0 else 1
+        end = time.monotonic() + 30  # the others finish their shutdown (or leave to regroup)
+        while time.monotonic() < end and any(p.popen.poll() is None for p in procs):
+            time.sleep(POLL_SECONDS)
+        for p in procs:
+            if p.popen.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+                p.popen.wait()
+            elif p.popen.returncode not in (0, group_lib.REGROUP_EXIT_CODE) and \
+                    p.popen.returncode > 0:
+                print(f"[launch] process {p.rank} ended with "
+                      f"{_describe_exit(p.popen.returncode)}:\n{_tail(p.log)}",
+                      file=sys.stderr, flush=True)
+        if rc == 0:
+            self.say("done")
+        return rc
 
 
 def main_argv(argv: list[str]) -> list[str]:
@@ -216,7 +242,7 @@ def main_argv(argv: list[str]) -> list[str]:
     return rest[1:] if rest and rest[0] == "--" else rest
 
 
-def read_pids(log_dir: str | pathlib.Path) -> dict[str, int]:
-    """``{rank: pid}`` of every process the launcher started (replacements included)."""
+def read_pids(log_dir: str | pathlib.Path) -> dict:
+    """``{"pids": {rank: pid} of the running processes, "all_pids": [...]}`` as last written."""
     path = pathlib.Path(log_dir) / "processes.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return json.loads(path.read_text()) if path.exists() else {"pids": {}, "all_pids": []}

@@ -1,4 +1,4 @@
-"""Per-replica state across membership changes: to host memory, onto a new mesh, from a peer.
+"""Per-replica state across membership changes: host memory, local files, a new mesh, a peer.
 
 Every leaf has a leading replica axis laid out one replica per device along a mesh axis, so a
 process's part of a leaf is its local replicas, in mesh order.
@@ -51,3 +51,30 @@ def copy_replicas(tree: PyTree, mesh: jax.sharding.Mesh, pairs: list[tuple[int, 
 def nbytes(tree: PyTree) -> int:
     """Bytes of one replica's share of ``tree`` (leading axis dropped)."""
     return sum(x.dtype.itemsize * int(np.prod(x.shape[1:])) for x in jax.tree.leaves(tree))
+
+
+def save_local(host_tree: PyTree, replica_ids: list[int], folder) -> None:
+    """Writes each local replica of ``host_tree`` to ``<folder>/replica-<id>.npz``."""
+    import pathlib
+
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    leaves = jax.tree.leaves(host_tree)
+    for i, r in enumerate(replica_ids):
+        tmp = folder / f"replica-{r}.tmp.npz"
+        np.savez(tmp, *[x[i] for x in leaves])
+        tmp.replace(folder / f"replica-{r}.npz")
+
+
+def load_local(like: PyTree, replica_ids: list[int], saved: list[bool], folder) -> PyTree:
+    """``like`` (host, ``[local replicas, ...]``) with the ``saved`` replicas read back."""
+    import pathlib
+
+    leaves, treedef = jax.tree.flatten(like)
+    leaves = [x.copy() for x in leaves]
+    for i, (r, ok) in enumerate(zip(replica_ids, saved, strict=True)):
+        if ok:
+            with np.load(pathlib.Path(folder) / f"replica-{r}.npz") as stored:
+                for k, x in enumerate(leaves):
+                    x[i] = stored[f"arr_{k}"]
+    return jax.tree.unflatten(treedef, leaves)

@@ -4,7 +4,9 @@
     python -m decjax.train --config=configs/base.py:size=tiny --workdir=runs/tiny \
         --config.opt.lr=1e-3
 
-The config is locked, so a misspelt ``--config.x.y`` override fails immediately.
+The config is locked, so a misspelt ``--config.x.y`` override fails immediately. A config with
+``trainer='replicated'`` (``configs/replicated.py``, ``noloco.py``, ``diloco.py``) trains
+replicas, alone or as one process of a group started by ``python -m decjax.launch``.
 """
 
 from absl import app, flags, logging
@@ -26,9 +28,20 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax and XLA are chatty at INFO
+    config = _CONFIG.value
     try:
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, CheckpointError, ValueError) as e:
+        if config.get("trainer") == "replicated":
+            from decjax.dist.group import REGROUP_EXIT_CODE, Regroup
+            from decjax.train.distributed import run_config, train_distributed
+
+            try:
+                train_distributed(run_config(config), config.dist, _WORKDIR.value,
+                                  config_json=config.to_json(sort_keys=True))
+            except Regroup:  # the launcher restarts the group with its new members
+                raise SystemExit(REGROUP_EXIT_CODE) from None
+        else:
+            train_and_evaluate(config, _WORKDIR.value)
+    except (ConfigError, CheckpointError, ValueError, TimeoutError) as e:
         # Bad input: a one-line message, not a traceback.
         raise SystemExit(f"error: {e}") from None
 

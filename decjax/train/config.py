@@ -58,6 +58,16 @@ def _get(config, field: str):
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises :class:`ConfigError` naming the first field with a value that is not allowed."""
+    if config.get("trainer") == "replicated":
+        from decjax.dist import validate_dist_config
+        from decjax.train.distributed import run_config
+
+        try:
+            run_config(config)
+            validate_dist_config(config.dist)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        return
     for field in ("model.d_model", "model.n_heads", "model.n_layers", "model.n_stages",
                   "model.seq_len", "train.steps", "train.batch_size", "train.microbatches",
                   "train.eval_every", "train.eval_batches", "ckpt.every", "ckpt.keep",

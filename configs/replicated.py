@@ -1,0 +1,46 @@
+"""Replicated training: data parallel, DiLoCo or NoLoCo, one replica per device, any processes.
+
+    python -m decjax.train --config=configs/replicated.py:method=diloco,size=tiny \
+        --workdir=runs/diloco-tiny
+    python -m decjax.launch --processes=4 -- python -m decjax.train \
+        --config=configs/replicated.py:method=noloco,size=tiny --workdir=runs/noloco-4p
+
+Variants: ``method`` (dp, diloco, diloco_nesterov, noloco), ``replicas`` (R; with the launcher
+it must equal processes x devices per process), ``size`` (``small``: the NoLoCo experiment's
+proxy; ``tiny``: seconds on a CPU). Fields: ``run.*`` (:class:`ReplicatedConfig`) and
+``dist.*`` (failure detection and joins, :func:`decjax.dist.default_dist_config`). Alone, the
+run stacks its replicas on this process's devices (one per device: set
+``JAX_NUM_CPU_DEVICES`` on a CPU).
+"""
+
+import dataclasses
+
+import ml_collections
+
+from configs import base
+from decjax.dist import default_dist_config
+from decjax.train.replicated import ReplicatedConfig
+
+TINY = dict(steps=30, global_batch=8, seq_len=32, d_model=32, n_heads=2, n_layers=1, d_ff=64,
+            warmup_steps=3, sync_every=5, eval_every=10, eval_batches=2, eval_batch_size=8,
+            max_bytes_per_domain=100_000)
+SMALL = dict(global_batch=32, seq_len=64, d_model=64, n_heads=4, n_layers=2, d_ff=128,
+             lr=3e-3, eval_batches=4, eval_batch_size=16)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = base.parse_arg(arg, method="noloco", replicas=4, size="small")
+    sizes = {"tiny": TINY, "small": SMALL}
+    if arg.size not in sizes:
+        raise ValueError(f"config variant size={arg.size!r}: one of {', '.join(sizes)}")
+    fields = dict(sizes[arg.size], method=arg.method, n_replicas=arg.replicas)
+    if arg.size == "tiny":
+        fields["global_batch"] = 2 * arg.replicas  # two sequences per replica
+    if arg.method == "dp":
+        fields["sync_every"] = 0  # every step
+    run = ReplicatedConfig(**fields)
+    config = ml_collections.ConfigDict()
+    config.trainer = "replicated"
+    config.run = dataclasses.asdict(run)
+    config.dist = default_dist_config()
+    return config
