@@ -18,6 +18,8 @@ def test_every_config_and_its_tiny_variant_validate(name, arg):
     validate(config)
     if arg == "size=tiny" and config.get("trainer") == "replicated":
         assert config.run.steps <= 100 and config.run.d_model <= 64
+    elif arg == "size=tiny" and config.get("trainer") == "experts":
+        assert max(config.run.steps) <= 100 and config.run.d_model <= 64
     elif arg == "size=tiny":
         assert config.train.steps <= 100 and config.model.d_model <= 64
 

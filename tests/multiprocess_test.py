@@ -59,22 +59,35 @@ def events(workdir: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "events.jsonl").read_text().splitlines()]
 
 
-def run_and_kill(tmp_path, *, respawn: int, steps: int):
-    """4 processes of NoLoCo; process 2 is SIGKILLed at step 10."""
+def run_and_kill(tmp_path, *, respawn: int = 0, steps: int, processes: int = 4,
+                 config: str = "noloco.py:size=tiny", kill_at: int = 10):
+    """``processes`` processes of ``config``; process 2 is SIGKILLed at step ``kill_at``."""
     workdir = tmp_path / "run"
-    command = train_command(workdir, "noloco.py:size=tiny", f"--config.run.steps={steps}")
-    launcher = start_launcher(tmp_path, 4, command, f"--respawn={respawn}")
+    command = train_command(workdir, config, f"--config.run.steps={steps}")
+    launcher = start_launcher(tmp_path, processes, command, f"--respawn={respawn}")
     try:
         deadline = time.monotonic() + DEADLINE_S
-        while last_step(workdir) < 10:
+        while last_step(workdir) < kill_at:
             assert launcher.poll() is None, launcher.stdout.read()
-            assert time.monotonic() < deadline, "the run did not reach step 10"
+            assert time.monotonic() < deadline, f"the run did not reach step {kill_at}"
             time.sleep(0.1)
         os.kill(read_pids(tmp_path / "logs")["pids"]["2"], signal.SIGKILL)
         output, _ = launcher.communicate(timeout=deadline - time.monotonic())
         return launcher.returncode, output, workdir
     finally:
         end_all(launcher, tmp_path / "logs")
+
+
+def run_to_end(tmp_path, processes: int, config: str) -> dict:
+    """The result of ``processes`` processes of ``config``, which must exit 0."""
+    workdir = tmp_path / "run"
+    launcher = start_launcher(tmp_path, processes, train_command(workdir, config))
+    try:
+        output, _ = launcher.communicate(timeout=DEADLINE_S)
+    finally:
+        end_all(launcher, tmp_path / "logs")
+    assert launcher.returncode == 0, output
+    return json.loads((workdir / "result.json").read_text())
 
 
 def test_four_processes_survive_a_sigkill(tmp_path):
@@ -117,14 +130,7 @@ def test_two_processes_equal_the_one_process_vmap_run(tmp_path, config):
     from decjax.train.replicated import train
 
     variant = "size=tiny,replicas=2"
-    workdir = tmp_path / "run"
-    launcher = start_launcher(tmp_path, 2, train_command(workdir, f"{config}:{variant}"))
-    try:
-        output, _ = launcher.communicate(timeout=DEADLINE_S)
-    finally:
-        end_all(launcher, tmp_path / "logs")
-    assert launcher.returncode == 0, output
-    distributed = json.loads((workdir / "result.json").read_text())
+    distributed = run_to_end(tmp_path, 2, f"{config}:{variant}")
     module = {"diloco.py": diloco, "noloco.py": noloco}[config]
     alone = train(dataclasses.replace(run_config(module.get_config(variant)), progress=False))
     np.testing.assert_allclose(distributed["train_loss"], alone.train_loss, atol=1e-6)
@@ -132,6 +138,51 @@ def test_two_processes_equal_the_one_process_vmap_run(tmp_path, config):
                                atol=1e-6)
     np.testing.assert_allclose(distributed["val_loss_averaged"], alone.val_loss_averaged,
                                atol=1e-6)
+
+
+HDEE = "hdee.py:size=tiny"
+
+
+def test_three_processes_of_experts_equal_the_one_process_run(tmp_path):
+    from configs import hdee
+    from decjax.train.experts import run_config, train
+
+    distributed = run_to_end(tmp_path, 3, HDEE)
+    assert distributed["processes"] == 3
+    config = hdee.get_config("size=tiny")
+    config.run.progress = False
+    alone = train(run_config(config), config.dist, tmp_path / "alone")  # 3 of 8 fake devices
+    np.testing.assert_allclose(distributed["val_loss_curve"], alone["val_loss_curve"], atol=1e-6)
+    for name, expert in alone["experts"].items():
+        for domain, loss in expert["val_loss"].items():
+            np.testing.assert_allclose(distributed["experts"][name]["val_loss"][domain], loss,
+                                       atol=1e-6)
+
+
+def test_experts_survive_a_sigkill_and_account_the_lost_budget(tmp_path):
+    rc, output, workdir = run_and_kill(tmp_path, processes=3, config=HDEE, kill_at=15,
+                                       steps="(60,90,120)")  # M_He-I_Ho: 90 steps each
+    assert rc == 0, output
+    log = events(workdir)
+    failure = next(e for e in log if e["event"] == "failure")
+    assert failure["processes"] == [2] and failure["experts"] == ["markov2_v16"]
+    assert failure["budget_steps"] == [90] and 15 <= failure["steps_done"][0] < 90
+    regroup = next(e for e in log if e["event"] == "regroup")
+    assert regroup["experts"] == ["markov3_v4_a0.2", "markov2_v8"] and regroup["devices"] == 2
+    result = json.loads((workdir / "result.json").read_text())
+    lost = result["experts"]["markov2_v16"]
+    assert lost["status"] == f"lost at step {failure['step']}"
+    assert lost["steps_done"] == failure["steps_done"][0]
+    assert all(result["experts"][n]["status"] == "finished"
+               for n in ("markov3_v4_a0.2", "markov2_v8"))
+    budget = result["budget"]
+    assert budget["lost_spent_flops"] == failure["spent_flops"] > 0
+    assert budget["never_spent_flops"] == failure["lost_flops"] > 0
+    assert (budget["finished_flops"] + budget["lost_spent_flops"] + budget["never_spent_flops"]
+            == budget["planned_flops"])
+    # The lost expert's domain is scored by the best survivor.
+    assert result["domain_val_loss"]["markov2_v16"]["expert"] != "markov2_v16"
+    assert np.isfinite(result["val_loss_curve"]).all()
 
 
 def test_bad_launcher_input_is_refused_before_anything_starts(tmp_path):

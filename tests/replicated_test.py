@@ -107,7 +107,8 @@ def test_the_replicated_config_trains_alone_like_the_vmap_run_and_keeps_a_finish
     from configs import noloco
     from decjax.train import validate
     from decjax.train.config import ConfigError
-    from decjax.train.distributed import run_config, train_distributed
+    from decjax.train.distributed import run_config
+    from decjax.train.distributed import train as train_distributed
 
     config = noloco.get_config(f"size=tiny,replicas={len(jax.devices())}")
     config.run.steps, config.run.progress = 6, False

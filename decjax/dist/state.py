@@ -4,6 +4,8 @@ Every leaf has a leading replica axis laid out one replica per device along a me
 process's part of a leaf is its local replicas, in mesh order.
 """
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,8 +57,6 @@ def nbytes(tree: PyTree) -> int:
 
 def save_local(host_tree: PyTree, replica_ids: list[int], folder) -> None:
     """Writes each local replica of ``host_tree`` to ``<folder>/replica-<id>.npz``."""
-    import pathlib
-
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     leaves = jax.tree.leaves(host_tree)
@@ -68,8 +68,6 @@ def save_local(host_tree: PyTree, replica_ids: list[int], folder) -> None:
 
 def load_local(like: PyTree, replica_ids: list[int], saved: list[bool], folder) -> PyTree:
     """``like`` (host, ``[local replicas, ...]``) with the ``saved`` replicas read back."""
-    import pathlib
-
     leaves, treedef = jax.tree.flatten(like)
     leaves = [x.copy() for x in leaves]
     for i, (r, ok) in enumerate(zip(replica_ids, saved, strict=True)):

@@ -6,14 +6,15 @@
 
 The config is locked, so a misspelt ``--config.x.y`` override fails immediately. A config with
 ``trainer='replicated'`` (``configs/replicated.py``, ``noloco.py``, ``diloco.py``) trains
-replicas, alone or as one process of a group started by ``python -m decjax.launch``.
+replicas, one with ``trainer='experts'`` (``configs/hdee.py``) an ensemble of domain experts,
+alone or as one process of a group started by ``python -m decjax.launch``.
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from decjax.train.checkpoint import CheckpointError
-from decjax.train.config import ConfigError
+from decjax.train.config import ConfigError, parse_flags
 from decjax.train.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -30,13 +31,15 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax and XLA are chatty at INFO
     config = _CONFIG.value
     try:
-        if config.get("trainer") == "replicated":
+        trainer = config.get("trainer")
+        if trainer in ("replicated", "experts"):
             from decjax.dist.group import REGROUP_EXIT_CODE, Regroup
-            from decjax.train.distributed import run_config, train_distributed
+            from decjax.train import distributed, experts
 
+            module = distributed if trainer == "replicated" else experts
             try:
-                train_distributed(run_config(config), config.dist, _WORKDIR.value,
-                                  config_json=config.to_json(sort_keys=True))
+                module.train(module.run_config(config), config.dist, _WORKDIR.value,
+                             config_json=config.to_json(sort_keys=True))
             except Regroup:  # the launcher restarts the group with its new members
                 raise SystemExit(REGROUP_EXIT_CODE) from None
         else:
@@ -47,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -93,7 +93,7 @@ def _read(x) -> np.ndarray:
     return np.asarray(x.addressable_data(0))
 
 
-def train_distributed(config: ReplicatedConfig, dist_settings: ml_collections.ConfigDict,
+def train(config: ReplicatedConfig, dist_settings: ml_collections.ConfigDict,
                       workdir: str | pathlib.Path, *, config_json: str = "") -> dict | None:
     """Trains ``config`` as one member of the process group; process 0 returns the result.
 
@@ -106,13 +106,20 @@ def train_distributed(config: ReplicatedConfig, dist_settings: ml_collections.Co
     Returns:
       The result dict written to ``result.json`` on process 0; ``None`` elsewhere.
     """
+    return run_in_group(_Trainer, config, dist_settings, workdir, config_json)
+
+
+def run_in_group(trainer, config, dist_settings: ml_collections.ConfigDict,
+                 workdir: str | pathlib.Path, config_json: str = "") -> dict | None:
+    """``trainer(config, group, workdir).run()`` as one member of the process group, refusing
+    a workdir that holds a finished run before anything connects or writes."""
     workdir = pathlib.Path(workdir)
     if (workdir / "result.json").exists():
         raise ValueError(f"workdir={str(workdir)!r} already holds a finished run "
                          "(result.json); choose a new workdir")
     group = Group.connect(dist_settings, config_json or json.dumps(dataclasses.asdict(config)))
     try:
-        return _Trainer(config, group, workdir).run()
+        return trainer(config, group, workdir).run()
     finally:
         group.close()
 
