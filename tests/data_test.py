@@ -177,6 +177,27 @@ def test_text_dir_domains_from_sub_folders(tmp_path):
         D.load_text_dir(tmp_path, domains=("prose",))
 
 
+def test_text_dir_names_and_records_every_skipped_file(tmp_path, caplog):
+    (tmp_path / "prose").mkdir()
+    (tmp_path / "prose" / "a.txt").write_text("a long enough sentence of plain text. " * 20)
+    (tmp_path / "prose" / "b.txt").write_text("another document, also plain text. " * 20)
+    (tmp_path / "prose" / "blob.bin").write_bytes(b"\x00\x01\x02binary")
+    (tmp_path / "prose" / "empty.txt").write_text("")
+    (tmp_path / "prose" / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    skipped = {}
+    with caplog.at_level("WARNING"):
+        docs = D.load_text_dir(tmp_path, skipped=skipped)
+    assert len(docs["prose"]) == 2
+    assert skipped == {"prose/blob.bin": "binary (NUL bytes)", "prose/empty.txt": "empty",
+                       "prose/latin1.txt": "not UTF-8 (byte 3)"}
+    assert "skipped 3 of 5 files: prose/blob.bin (binary (NUL bytes))" in caplog.text
+    data = D.load_data(make_config(source="text_dir", path=str(tmp_path), domains=(),
+                                   val_fraction=0.5),
+                       seq_len=8, cache_dir=tmp_path)
+    assert "skipped 3 files: prose/blob.bin (binary (NUL bytes)), prose/empty.txt (empty)" in (
+        data.summary())
+
+
 def test_text_dir_errors_name_the_path_field(tmp_path):
     with pytest.raises(ValueError, match=r"data\.path=.*not an existing folder"):
         D.load_text_dir(tmp_path / "missing")

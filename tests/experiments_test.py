@@ -4,6 +4,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).parents[1]
 
 
@@ -59,3 +61,20 @@ def test_skippipe_quick_grid_writes_tables_and_plot(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "done " not in again.stdout and "retraining" not in again.stdout
+
+
+@pytest.mark.parametrize("script, flag, message", [
+    ("checkfree", "--steps=-5", "flag --steps=-5: -5 is not a non-negative integer"),
+    ("noloco", "--steps=-5", "flag --steps=-5: -5 is not a non-negative integer"),
+    ("skippipe", "--steps=-5", "flag --steps=-5: -5 is not a non-negative integer"),
+    ("skippipe", "--variants=skip25,bogus", "unknown ['bogus']; allowed: skip0, skip25"),
+    ("skippipe", "--seeds=0,x", "flag --seeds=['0', 'x']: integers >= 0, comma-separated"),
+    ("hdee", "--grid=huge", "flag --grid=huge: value should be one of <full|quick>"),
+])
+def test_bad_experiment_flags_fail_in_one_line_before_any_work(tmp_path, script, flag,
+                                                               message):
+    result = subprocess.run(
+        [sys.executable, f"experiments/{script}/run.py", flag, f"--out={tmp_path}"], cwd=ROOT,
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not any(tmp_path.iterdir())

@@ -220,6 +220,14 @@ def test_close_refused_while_pending():
     ({}, ("u0", "u1", "x"), ChannelClosed, "closed channel 'cx'"),
     ({}, ("u0", "u1", "u0"), PaymentError, "distinct parties"),
     ({"adversary": Adversary(parties={"u0": "sneaky"})}, None, ConfigError, "unknown mode"),
+    ({"adversary": Adversary(parties={"mallory": "silent"})}, None, UnknownParty,
+     r"adversary names unknown parties \['mallory'\]"),
+    ({"adversary": Adversary(members={("c9", 0): Crashed()})}, None, ConfigError,
+     r"adversary names unknown channels \['c9'\]"),
+    ({"adversary": Adversary(split={"c7": [0, 1]})}, None, ConfigError,
+     r"adversary names unknown channels \['c7'\]"),
+    ({"adversary": Adversary(members={("c1", 4): Crashed()})}, None, ConfigError,
+     r"committee members \[\('c1', 4\)\] that do not exist: members are 0..3"),
 ])
 def test_bad_input_raises_and_changes_nothing(kwargs, spec, error, match):
     g, parties = line_graph(2)

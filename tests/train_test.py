@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from decjax.train import CheckpointError, ConfigError, loop, train_and_evaluate
+from decjax.train import CheckpointError, ConfigError, loop, train_and_evaluate, validate
 from decjax.train.records import read_jsonl
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -49,6 +49,19 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert events.count("resume") == 1 and events[-1] == "end"
     # Training works: validation loss falls well below the uniform-guess level ln(258).
     assert straight.final_val_loss < straight.first_val_loss - 1.0
+
+
+def test_resuming_a_finished_run_trains_nothing_and_reports_the_record(tmp_path, capsys):
+    config = tiny_config(train__steps=6, train__eval_every=6, ckpt__every=6)
+    first = train_and_evaluate(config, tmp_path)
+    record = (tmp_path / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    again = train_and_evaluate(config, tmp_path)
+    out = capsys.readouterr().out
+    assert "had already finished its 6 steps: nothing trained" in out and "nan" not in out
+    assert again.tokens_per_second == first.tokens_per_second > 0
+    assert again.final_val_loss == first.final_val_loss
+    assert (tmp_path / "metrics.jsonl").read_text() == record
 
 
 def _tree_digest(folder: pathlib.Path) -> str:
@@ -240,6 +253,38 @@ def test_sim_cli_prints_iteration_breakdown():
     assert result.returncode != 0 and "sim.network='atlantis'" in result.stderr
 
 
+@pytest.mark.parametrize("module, override, message", [
+    ("decjax.train", "--config.train.stpes=5",
+     "--config.train.stpes: the config has no field 'stpes'; did you mean \"steps\""),
+    ("decjax.train", "--config.trian.steps=5", "the config has no field 'trian'"),
+    ("decjax.sim", "--config.sim.netwrk=x", "the config has no field 'netwrk'"),
+])
+def test_a_misspelt_config_field_fails_in_one_line(tmp_path, module, override, message):
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--config=configs/quickstart.py", override,
+         *([f"--workdir={tmp_path / 'run'}"] if module == "decjax.train" else [])],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_sim_cli_refuses_what_the_trainer_refuses(tmp_path):
+    csv = tmp_path / "trace.csv"
+    csv.write_text("step,target,kind\n3,7,fail\n")
+    for flags, message in [
+        (["--config.method.storage_region=Mars"],
+         "error: method.storage_region='Mars' is not allowed: unknown region 'Mars'"),
+        (["--config.sim.failures=csv", f"--config.sim.failure_csv={csv}",
+          "--config.method.name=checkfree_plus"],
+         "trace refers to stage 7 but there are only 2 stages"),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-m", "decjax.sim", "--config=configs/base.py:size=tiny", *flags],
+            cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def _failure_events(workdir):
     return [(e["step"], e["stage"]) for e in read_jsonl(workdir / "events.jsonl")
             if e["event"] == "failure"]
@@ -282,6 +327,15 @@ def test_methods_share_the_trace_and_charge_their_costs(tmp_path):
     start = {name: read_jsonl(tmp_path / name / "events.jsonl")[0]["sim_iteration_seconds"]
              for name in runs}
     assert start["redundant"] > start["checkfree_plus"] == start["checkpoint"]
+
+
+def test_plain_checkfree_with_two_stages_is_refused(tmp_path, monkeypatch):
+    _no_compute(monkeypatch)
+    config = tiny_config(sim__failures="hourly", method__name="checkfree")  # 2 stages
+    with pytest.raises(ConfigError, match="model.n_stages=2 there is no interior stage"):
+        train_and_evaluate(config, tmp_path)
+    config.method.name = "checkfree_plus"
+    validate(config)
 
 
 def test_no_failure_method_refuses_a_failure_trace(tmp_path, monkeypatch):

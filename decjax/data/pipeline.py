@@ -197,12 +197,15 @@ def _load_documents(settings: DataSettings) -> tuple[Documents, dict[str, float]
             what += f", max {settings.max_bytes_per_domain} bytes/domain"
         return documents, None, what
     if settings.source == "text_dir":
+        skipped: dict[str, str] = {}
         documents = sources.load_text_dir(
-            settings.path, settings.domains, settings.max_bytes_per_domain
+            settings.path, settings.domains, settings.max_bytes_per_domain, skipped=skipped
         )
         what = f"text_dir {settings.path}"
         if settings.max_bytes_per_domain:
             what += f", max {settings.max_bytes_per_domain} bytes/domain"
+        if skipped:  # recorded with the run (the start event's data summary)
+            what += f", skipped {len(skipped)} files: {sources.describe_skipped(skipped, 20)}"
         return documents, None, what
     if settings.source == "synthetic":
         chains = synthetic.build_markov_sources(settings.synthetic_domains, settings.seed)

@@ -8,6 +8,7 @@ The synthetic Markov source lives in :mod:`decjax.data.synthetic`. Documents and
 back in a deterministic order, so everything downstream (splits, packing) is reproducible.
 """
 
+import logging
 import os
 import pathlib
 import sysconfig
@@ -24,6 +25,8 @@ EXCLUDED_STDLIB_DIRS = frozenset(
 )
 # Test suites nested inside packages (e.g. ``unittest/test`` is 3/4 of ``unittest``).
 EXCLUDED_NESTED_DIRS = frozenset({"test", "tests", "idle_test", "__pycache__"})
+
+_LOG = logging.getLogger(__name__)
 
 
 def stdlib_path() -> pathlib.Path:
@@ -109,13 +112,21 @@ def select_domains(available: Sequence[str], requested: Sequence[str], source: s
 
 def _read_text(path: pathlib.Path) -> str | None:
     """The file's text, or ``None`` when it is not UTF-8 text (binary files are skipped)."""
+    text, _ = _read_text_or_why(path)
+    return text
+
+
+def _read_text_or_why(path: pathlib.Path) -> tuple[str | None, str]:
+    """``(text, "")``, or ``(None, why it is not a text document)``."""
     data = path.read_bytes()
+    if not data.strip():
+        return None, "empty"
     if b"\x00" in data:
-        return None
+        return None, "binary (NUL bytes)"
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+        return data.decode("utf-8"), ""
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 (byte {e.start})"
 
 
 def load_pystdlib(domains: Sequence[str] = (), max_bytes_per_domain: int = 0) -> Documents:
@@ -162,18 +173,24 @@ def _text_files(folder: pathlib.Path, recursive: bool) -> list[pathlib.Path]:
 
 
 def load_text_dir(
-    path: str | os.PathLike, domains: Sequence[str] = (), max_bytes_per_domain: int = 0
+    path: str | os.PathLike,
+    domains: Sequence[str] = (),
+    max_bytes_per_domain: int = 0,
+    *,
+    skipped: dict[str, str] | None = None,
 ) -> Documents:
     """Text files under ``path``: each sub-folder is a domain, each text file a document.
 
     Files directly in ``path`` form the domain ``default``; files nested deeper belong to their
     top-level sub-folder's domain. Any UTF-8 file counts as text (``.txt``, ``.md``, source
-    code, ...); binary and non-UTF-8 files, empty files and hidden files are skipped.
+    code, ...); binary and non-UTF-8 files, empty files and hidden files are skipped, and every
+    skipped file but a hidden one is named in a warning.
 
     Args:
         path: the folder (``data.path``).
         domains: domain names to keep, in this order; empty keeps all (sorted).
         max_bytes_per_domain: per-domain cap in bytes by whole files in sorted order; 0 = no cap.
+        skipped: if given, filled with ``{path relative to path: why it was skipped}``.
 
     Returns:
         ``{domain: [file text, ...]}``.
@@ -189,18 +206,37 @@ def load_text_dir(
     groups = {DEFAULT_TEXT_DIR_DOMAIN: _text_files(folder, recursive=False)}
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         groups[sub.name] = _text_files(sub, recursive=True)
-    documents = {}
+    documents, why_skipped = {}, {}
     for domain, files in groups.items():
-        texts = [t for t in (_read_text(f) for f in files) if t]
+        texts = []
+        for f in files:
+            text, why = _read_text_or_why(f)
+            if text is None:
+                why_skipped[f.relative_to(folder).as_posix()] = why
+            else:
+                texts.append(text)
         if texts:
             documents[domain] = texts
+    if skipped is not None:
+        skipped.update(why_skipped)
+    if why_skipped:
+        _LOG.warning("data.path=%r: skipped %d of %d files: %s", str(path), len(why_skipped),
+                        sum(len(f) for f in groups.values()), describe_skipped(why_skipped))
     if not documents:
         raise ValueError(
             f"data.path={str(path)!r} contains no UTF-8 text files (data.source='text_dir')"
+            + (f"; skipped {describe_skipped(why_skipped)}" if why_skipped else "")
         )
     available = sorted(documents)
     selected = select_domains(available, domains, "text_dir")
     return cap_documents({d: documents[d] for d in selected}, max_bytes_per_domain)
+
+
+def describe_skipped(skipped: dict[str, str], limit: int = 5) -> str:
+    """``"a.bin (binary (NUL bytes)), b.txt (empty), ... and 3 more"``."""
+    named = [f"{name} ({why})" for name, why in list(skipped.items())[:limit]]
+    more = f" and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    return ", ".join(named) + more
 
 
 def load_hf(

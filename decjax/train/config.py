@@ -24,6 +24,28 @@ class ConfigError(ValueError):
     """A config field has a value that is not allowed."""
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing for entry points (``app.run(main, flags_parser=parse_flags)``) with a
+    one-line error, not ml_collections' traceback, for an override naming no config field."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        chain = [e]  # ml_collections: AttributeError <- KeyError(hint) <- KeyError(key)
+        while chain[-1].__context__ is not None:
+            chain.append(chain[-1].__context__)
+        key = str(chain[-1].args[0]) if chain[-1].args else "?"
+        hints = [line for x in chain for a in x.args if isinstance(a, str)
+                 for line in a.splitlines() if line.startswith("Did you mean")]
+        hint = hints[0] if hints else ""
+        flag = next((a.split("=")[0] for a in argv[1:]
+                     if a.startswith("--config.") and key in a.split("=")[0].split(".")),
+                    "--config...")
+        raise SystemExit(f"FATAL Flags parsing error: {flag}: the config has no field {key!r}"
+                         + (f"; {hint[0].lower()}{hint[1:]}" if hint else "")) from None
+
+
 def _require(condition: bool, field: str, value, allowed: str) -> None:
     if not condition:
         raise ConfigError(f"{field}={value!r} is not allowed: {allowed}")
@@ -58,12 +80,13 @@ def _get(config, field: str):
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises :class:`ConfigError` naming the first field with a value that is not allowed."""
-    if config.get("trainer") == "replicated":
+    if config.get("trainer") in ("replicated", "experts"):
         from decjax.dist import validate_dist_config
-        from decjax.train.distributed import run_config
+        from decjax.train import distributed, experts
 
+        module = distributed if config.trainer == "replicated" else experts
         try:
-            run_config(config)
+            module.run_config(config)
             validate_dist_config(config.dist)
         except ValueError as e:
             raise ConfigError(str(e)) from e
@@ -103,7 +126,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     try:
         validate_data_config(config.data)
         validate_sim_config(config.sim)
-        validate_method_config(config.method, config.sim.failures)
+        validate_method_config(config.method, config.sim.failures, config.model.n_stages)
     except ValueError as e:
         raise ConfigError(str(e)) from e
 

@@ -24,7 +24,12 @@ from decjax.train import records
 from decjax.train.checkpoint import Checkpointer
 from decjax.train.config import ConfigError, make_model, make_optimizer, make_schedule, validate
 from decjax.train.methods import make_method
-from decjax.train.simulation import SimClock, make_failure_trace, make_world
+from decjax.train.simulation import (
+    SimClock,
+    check_storage_region,
+    make_failure_trace,
+    make_world,
+)
 from decjax.train.step import abstract_state, init_state, make_eval_step, make_train_step
 
 RouteFn = Callable[[int], np.ndarray]
@@ -84,6 +89,7 @@ def train_and_evaluate(
     ckpt = Checkpointer(workdir, max_to_keep=config.ckpt.keep)
     meta = checkpoint_meta(model, data.tokenizer.name)
     world = make_world(config, model)
+    check_storage_region(config, world)
     method = make_method(config, model, tx, world, workdir)
     iteration = method.iteration(seed=config.sim.failure_seed)
     # The trace follows the plain pipeline's iteration time, so every method shares it.
@@ -189,11 +195,21 @@ def train_and_evaluate(
         first_val_loss=first_val,
         final_val_loss=last["val"],
         final_train_loss=last.get("train", float("nan")),
-        tokens_per_second=float(np.median(logger.speeds)) if logger.speeds else float("nan"),
+        tokens_per_second=_median_speed(logger.speeds, metrics_log),
         plot=plot,
     )
+    if start_step >= t.steps:
+        print(f"{workdir} had already finished its {t.steps} steps: nothing trained "
+              "(raise train.steps to train on)")
     print(format_summary(summary, metrics_log))
     return summary
+
+
+def _median_speed(speeds: list[float], metrics_log: list[dict]) -> float:
+    """This call's median tokens/s, or the record's if it trained nothing (a finished run)."""
+    speeds = speeds or [r["tokens_per_second"] for r in metrics_log
+                        if r["split"] == "train" and "tokens_per_second" in r]
+    return float(np.median(speeds)) if speeds else float("nan")
 
 
 def work_done(route_MP, n_stages: int) -> dict[str, int]:
@@ -269,8 +285,9 @@ def format_summary(summary: RunSummary, metrics_log: list[dict]) -> str:
         tr = train.get(r["step"], {})
         lines.append(f"{r['step']:>8} {cell(tr, 'loss', '.3f'):>11} {r['loss']:>9.3f} "
                      f"{cell(tr, 'tokens_per_second', ',.0f'):>10}")
+    speed = summary.tokens_per_second
     lines.append(f"parameters: {summary.n_params:,}   median tokens/s: "
-                 f"{summary.tokens_per_second:,.0f}   (losses in nats/token)")
+                 f"{f'{speed:,.0f}' if np.isfinite(speed) else '-'}   (losses in nats/token)")
     lines.append(f"run record: {summary.workdir}/metrics.jsonl")
     if summary.plot:
         lines.append(f"loss plot:  {summary.plot}")

@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 
 from decjax import checkfree, sim
 from decjax.models import StagedLlama, full_route
-from decjax.train.simulation import World
+from decjax.train.simulation import World, check_storage_region
 from decjax.train.step import TrainState
 
 METHODS = ("none", "checkfree", "checkfree_plus", "checkpoint", "redundant")
@@ -45,7 +45,7 @@ def default_method_config() -> ml_collections.ConfigDict:
     ))
 
 
-def validate_method_config(c: ml_collections.ConfigDict, failures: str) -> None:
+def validate_method_config(c: ml_collections.ConfigDict, failures: str, n_stages: int) -> None:
     def require(ok, field, allowed):
         if not ok:
             raise ValueError(f"method.{field}={c[field]!r} is not allowed: {allowed}")
@@ -60,6 +60,11 @@ def validate_method_config(c: ml_collections.ConfigDict, failures: str) -> None:
     require(c.name != "none" or failures == "none", "name",
             "a method that handles failures when sim.failures is set "
             "(use sim.failures='none' for the no-failure baseline)")
+    # Plain CheckFree fails only interior stages; with two stages its trace would be empty.
+    require(c.name != "checkfree" or failures == "none" or n_stages >= 3, "name",
+            f"with model.n_stages={n_stages} there is no interior stage to lose or rebuild "
+            "(plain CheckFree never fails an edge stage): use model.n_stages >= 3, or "
+            "method.name='checkfree_plus', which recovers edge stages too")
 
 
 @dataclasses.dataclass
@@ -177,7 +182,7 @@ class Checkpointing(Method):
             item_names=("state", "data"))
         nodes = [n for row in self.world.stage_nodes for n in row]
         bytes_per_node = max(self.world.stage_param_bytes)
-        region = self.config.method.storage_region
+        region = check_storage_region(self.config, self.world)
         self.upload = sim.checkpoint_transfer(nodes, self.world.placement, region,
                                               bytes_per_node, kind="upload").seconds
         self.download = sim.checkpoint_transfer(nodes, self.world.placement, region,

@@ -183,6 +183,16 @@ def measure_device_flops(model: StagedLlama, samples: int, seq_len: int) -> floa
     return sim.measure_flops_per_second(step, stage, x, flops=3 * forward)
 
 
+def check_storage_region(config: ml_collections.ConfigDict, world: World) -> str:
+    """``method.storage_region``, refused (naming the field) if the network has no such region."""
+    region = config.method.storage_region
+    try:
+        world.placement.network.region_index(region)
+    except ValueError as e:
+        raise ValueError(f"method.storage_region={region!r} is not allowed: {e}") from None
+    return region
+
+
 def make_failure_trace(config: ml_collections.ConfigDict, n_stages: int,
                        iteration_seconds: float) -> "sim.FailureTrace | None":
     """The run's stage-failure trace (``None`` without failures); seeded by ``sim``."""

@@ -32,7 +32,7 @@ plt.switch_backend("Agg")  # files only
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("grid", "full", ["full", "quick", "ablation"], "Which comparison to run.")
 flags.DEFINE_string("out", str(pathlib.Path(__file__).parent / "results"), "Output folder.")
-flags.DEFINE_integer("steps", 0, "Iterations per run; 0 takes the grid's default.")
+flags.DEFINE_integer("steps", 0, "Iterations per run; 0 takes the grid's default.", lower_bound=0)
 
 METHODS = ("none", "checkpoint", "redundant", "checkfree", "checkfree_plus")
 LABELS = {"none": "no failures", "checkpoint": "checkpointing", "redundant": "redundant comp.",

@@ -40,7 +40,7 @@ plt.switch_backend("Agg")  # files only
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("grid", "full", ["full", "quick"], "Which comparison to run.")
 flags.DEFINE_string("out", str(pathlib.Path(__file__).parent / "results"), "Output folder.")
-flags.DEFINE_integer("steps", 0, "Inner steps per run; 0 takes the grid's default.")
+flags.DEFINE_integer("steps", 0, "Inner steps per run; 0 takes the grid's default.", lower_bound=0)
 
 METHODS = ("dp", "diloco", "diloco_nesterov", "noloco")
 LABELS = {"dp": "data parallel", "diloco": "DiLoCo, heavy-ball 0.3",

@@ -72,7 +72,7 @@ plt.switch_backend("Agg")  # files only
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("grid", "full", ["full", "quick"], "Which grid to run.")
 flags.DEFINE_string("out", str(pathlib.Path(__file__).parent / "results"), "Output folder.")
-flags.DEFINE_integer("steps", 0, "Training iterations per run; 0 takes the grid's default.")
+flags.DEFINE_integer("steps", 0, "Training iterations per run; 0 takes the grid's default.", lower_bound=0)
 flags.DEFINE_list("variants", [], "Train only these variants (ids of VARIANTS); no tables.")
 flags.DEFINE_list("seeds", [], "Train only these seeds; no tables.")
 
@@ -127,6 +127,21 @@ STUDIES = {
     # Does the skip runs' gap shrink with deeper stages (the paper's hold 4 layers each)?
     "deep": Study("pystdlib", 2, ("skip0", "skip25", "skip25-noswap")),
 }
+
+
+@flags.validator("variants")
+def _known_variants(names: list[str]) -> bool:
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        raise flags.ValidationError(f"unknown {unknown}; allowed: {', '.join(VARIANTS)}")
+    return True
+
+
+@flags.validator("seeds", message="integers >= 0, comma-separated")
+def _seed_list(seeds: list[str]) -> bool:
+    return all(s.isdigit() for s in seeds)
+
+
 ROTATIONS = list(dict.fromkeys((v.skip, v.max_swaps) for v in VARIANTS.values() if v.skip))
 
 
@@ -391,7 +406,7 @@ def train_runs(study_name: str, trainer: Trainer, rotations: dict, grid: dict, s
     tag = "" if study_name == "pystdlib" else f"{study_name}-"
     extra = ({"data": study.dataset} if study.dataset != "pystdlib" else {}) | (
         {"layers_per_stage": study.layers_per_stage} if study.layers_per_stage != 1 else {})
-    for name in [v for v in check_variants(FLAGS.variants) or VARIANTS if v in study.variants]:
+    for name in [v for v in FLAGS.variants or VARIANTS if v in study.variants]:
         for seed in [int(s) for s in FLAGS.seeds] or grid["seeds"]:
             variant = VARIANTS[name]
             routes = training_routes(variant, rotations, steps)
@@ -403,13 +418,6 @@ def train_runs(study_name: str, trainer: Trainer, rotations: dict, grid: dict, s
             workdir = out / "runs" / f"{prefix}{tag}{name}-seed{seed}-steps{steps}"
             runs[(name, seed)] = run_one(workdir, config, trainer, routes, grid)
     return runs
-
-
-def check_variants(names: list[str]) -> list[str]:
-    unknown = sorted(set(names) - set(VARIANTS))
-    if unknown:
-        raise app.UsageError(f"--variants: unknown {unknown}; allowed: {', '.join(VARIANTS)}")
-    return names
 
 
 def _mean_std(values, digits=3) -> str:

@@ -20,7 +20,13 @@ from decjax.payments.checkers import (
 )
 from decjax.payments.committee import Committee
 from decjax.payments.crypto import KeyRegistry, QuorumCertificate, SignedStatement
-from decjax.payments.errors import ConfigError, InsufficientBalance, NoRoute, PaymentError
+from decjax.payments.errors import (
+    ConfigError,
+    InsufficientBalance,
+    NoRoute,
+    PaymentError,
+    UnknownParty,
+)
 from decjax.payments.events import Simulator, TraceEvent
 from decjax.payments.graph import ChannelGraph
 from decjax.payments.network import AsyncNetwork, Envelope, MessageStats, Scheduler
@@ -145,6 +151,7 @@ class PsyncSimulation:
         self.specs = list(payments)
         self.registry = KeyRegistry(seed, scheme=signer)
         self.committees = {cid: self._committee(cid, f, n) for cid in graph.channels}
+        self._check_adversary()
         self.honest = tuple(p for p in graph.parties if adv.parties.get(p, "honest") == "honest")
         self.records = {r.pid: PaymentRecord(r.pid, r.parties, r.cids, r.amounts,
                                              frozenset(self.honest),
@@ -155,6 +162,26 @@ class PsyncSimulation:
         self.arbiters: dict[str, ChannelArbiter] = {}
         self._build_nodes(f)
         self._schedule()
+
+    def _check_adversary(self) -> None:
+        """An adversary naming a party, channel or member that does not exist is a typo, not a
+        fault: refuse it (as SyncPCN does) before anything runs."""
+        unknown = sorted(set(self.adv.parties) - set(self.graph.parties))
+        if unknown:
+            raise UnknownParty(f"adversary names unknown parties {unknown}; parties are "
+                               f"{sorted(self.graph.parties)}")
+        channels = sorted({cid for cid, _ in self.adv.members} | set(self.adv.split))
+        unknown = [cid for cid in channels if cid not in self.committees]
+        if unknown:
+            raise ConfigError(f"adversary names unknown channels {unknown}; channels are "
+                              f"{sorted(self.committees)}")
+        bad = sorted((cid, k) for cid, k in self.adv.members
+                     if not 0 <= k < self.committees[cid].n)
+        bad += sorted((cid, k) for cid, ks in self.adv.split.items() for k in ks
+                      if not 0 <= k < self.committees[cid].n)
+        if bad:
+            raise ConfigError(f"adversary names committee members {bad} that do not exist: "
+                              f"members are 0..{next(iter(self.committees.values())).n - 1}")
 
     def _committee(self, cid: str, f: int, n: int | None) -> Committee:
         size = 3 * f + 1 if n is None else n
