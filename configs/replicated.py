@@ -6,7 +6,8 @@
         --config=configs/replicated.py:method=noloco,size=tiny --workdir=runs/noloco-4p
 
 Variants: ``method`` (dp, diloco, diloco_nesterov, noloco), ``replicas`` (R; with the launcher
-it must equal processes x devices per process), ``size`` (``small``: the NoLoCo experiment's
+it must equal processes x devices per process), ``seed``, ``steps`` (0: the size's
+default; else with a warmup of 4 % and 10 evaluations), ``size`` (``small``: the NoLoCo experiment's
 proxy; ``tiny``: seconds on a CPU). Fields: ``run.*`` (:class:`ReplicatedConfig`) and
 ``dist.*`` (failure detection and joins, :func:`decjax.dist.default_dist_config`). Alone, the
 run stacks its replicas on this process's devices (one per device: set
@@ -29,11 +30,14 @@ SMALL = dict(global_batch=32, seq_len=64, d_model=64, n_heads=4, n_layers=2, d_f
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = base.parse_arg(arg, method="noloco", replicas=4, size="small")
+    arg = base.parse_arg(arg, method="noloco", replicas=4, seed=0, steps=0, size="small")
     sizes = {"tiny": TINY, "small": SMALL}
     if arg.size not in sizes:
         raise ValueError(f"config variant size={arg.size!r}: one of {', '.join(sizes)}")
-    fields = dict(sizes[arg.size], method=arg.method, n_replicas=arg.replicas)
+    fields = dict(sizes[arg.size], method=arg.method, n_replicas=arg.replicas, seed=arg.seed)
+    if arg.steps:  # warmup 4 % of the run (the NoLoCo paper's 1000 of 25k), 10 evaluations
+        fields.update(steps=arg.steps, warmup_steps=max(1, arg.steps // 25),
+                      eval_every=max(1, arg.steps // 10))
     if arg.size == "tiny":
         fields["global_batch"] = 2 * arg.replicas  # two sequences per replica
     if arg.method == "dp":

@@ -31,3 +31,26 @@ def test_preset_variants_validate(size):
     config = base.get_config(f"size={size}")
     validate(config)
     assert config.model.n_layers % config.model.n_stages == 0
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_tiny_variant_trains_in_seconds(name, tmp_path):
+    import jax
+    import numpy as np
+
+    from decjax.train.records import read_jsonl
+    from decjax.train.sweep import finished, train_config
+
+    config = importlib.import_module(f"configs.{name}").get_config("size=tiny")
+    if config.get("trainer") == "replicated":  # alone: one replica per (fake) device
+        config.run.n_replicas = len(jax.devices())
+        config.run.global_batch = 2 * config.run.n_replicas
+    if config.get("trainer") in ("replicated", "experts"):
+        config.run.progress = False
+    else:
+        config.log.update(progress=False, plot=False)
+    train_config(config, tmp_path)
+    assert finished(tmp_path)
+    val = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "val"]
+    losses = [r.get("loss", r.get("loss_mean")) for r in val]
+    assert len(losses) >= 2 and np.isfinite(losses).all() and losses[-1] < losses[0]

@@ -13,9 +13,10 @@ alone or as one process of a group started by ``python -m decjax.launch``.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from decjax.dist.group import REGROUP_EXIT_CODE, Regroup
 from decjax.train.checkpoint import CheckpointError
 from decjax.train.config import ConfigError, parse_flags
-from decjax.train.loop import train_and_evaluate
+from decjax.train.sweep import train_config
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with a variant: configs/x.py:size=tiny.",
@@ -31,19 +32,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax and XLA are chatty at INFO
     config = _CONFIG.value
     try:
-        trainer = config.get("trainer")
-        if trainer in ("replicated", "experts"):
-            from decjax.dist.group import REGROUP_EXIT_CODE, Regroup
-            from decjax.train import distributed, experts
-
-            module = distributed if trainer == "replicated" else experts
-            try:
-                module.train(module.run_config(config), config.dist, _WORKDIR.value,
-                             config_json=config.to_json(sort_keys=True))
-            except Regroup:  # the launcher restarts the group with its new members
-                raise SystemExit(REGROUP_EXIT_CODE) from None
-        else:
-            train_and_evaluate(config, _WORKDIR.value)
+        try:
+            train_config(config, _WORKDIR.value)
+        except Regroup:  # the launcher restarts the group with its new members
+            raise SystemExit(REGROUP_EXIT_CODE) from None
     except (ConfigError, CheckpointError, ValueError, TimeoutError) as e:
         # Bad input: a one-line message, not a traceback.
         raise SystemExit(f"error: {e}") from None

@@ -4,12 +4,15 @@
     python experiments/checkfree/run.py --grid=quick    # what `make run` shows (~3 min)
     python experiments/checkfree/run.py --grid=ablation # recovery rules at one failure rate
 
-Every (rate, seed) pair has one failure trace shared by every method. A small proxy model
-trains on real data (the Python standard library) while the simulated world is costed for the
-CheckFree reference's 500M model: 6 stages x 3 replicas over the 12-region table, 6
-microbatches of 8 x 1024 tokens. That fixes the iteration time, the per-iteration failure
-probability for each hourly rate, and the checkpoint and weight-transfer times. Finished runs
-are reused, so an interrupted grid resumes where it stopped. Results go to ``results/``.
+A sweep over ``configs/checkfree.py`` (one run is ``python -m decjax.train
+--config=configs/checkfree.py:method=...,rate=...,seed=...``). Every (rate, seed) pair has one
+failure trace shared by every method. A small proxy model trains on real data (the Python
+standard library) while the simulated world is costed for the CheckFree reference's 500M
+model: 6 stages x 3 replicas over the 12-region table, 6 microbatches of 8 x 1024 tokens. That
+fixes the iteration time, the per-iteration failure probability for each hourly rate, and the
+checkpoint and weight-transfer times. Finished runs are reused
+(:func:`decjax.train.sweep.sweep`), so an interrupted grid resumes where it stopped. Results
+go to ``results/``.
 """
 
 import json
@@ -24,9 +27,9 @@ sys.path.insert(0, str(ROOT))  # `configs` lives at the repository root
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from configs import base  # noqa: E402
-from decjax.train import train_and_evaluate  # noqa: E402
+from configs import checkfree as checkfree_config  # noqa: E402
 from decjax.train.records import read_jsonl  # noqa: E402
+from decjax.train.sweep import sweep  # noqa: E402
 
 plt.switch_backend("Agg")  # files only
 FLAGS = flags.FLAGS
@@ -51,32 +54,20 @@ ABLATION = dict(rate=0.33, seeds=(0, 1, 2), steps=400, variants={
 })
 
 
-def make_config(method: str, rate: float, seed: int, steps: int, *, failures: bool = True,
-                **method_fields):
-    """The proxy model, the 500M-reference world and one method (``rate`` per stage-hour)."""
-    config = base.get_config("size=tiny")
-    config.seed = seed
-    config.model.update(d_model=64, n_heads=4, n_layers=6, d_ff=256, n_stages=6, seq_len=64)
-    config.data.update(max_bytes_per_domain=400_000)
-    config.train.update(steps=steps, batch_size=12, microbatches=6, eval_every=25,
-                        eval_batches=4)
-    config.opt.update(lr=3e-3, schedule="constant", warmup_steps=0)
-    config.ckpt.update(every=steps, keep=1)
-    config.log.update(every=5, progress=False, plot=True)
-    config.sim.update(replicas=3, cost_model="500m", cost_samples_per_microbatch=8,
-                      failure_seed=1000 + seed)
-    if method != "none" and failures:
-        config.sim.update(failures="hourly", failure_rate=rate)
-    config.method.update(name=method, lr_scale=1.2, checkpoint_every=10, **method_fields)
+def make_config(method: str, rate: float, seed: int, steps: int, **method_fields):
+    """``configs/checkfree.py`` at ``rate`` failures per stage-hour (0: none)."""
+    fields = ",".join(f"{k}={v}" for k, v in method_fields.items())
+    config = checkfree_config.get_config(
+        ",".join(filter(None, [f"method={method},rate={rate},seed={seed},steps={steps}",
+                               fields])))
+    config.log.progress = False  # the grid prints a line per finished run
     return config
 
 
 def run_one(workdir: pathlib.Path, config) -> dict:
-    """Trains (or reuses a finished run) and returns its curves and counts."""
+    """Trains (or reuses the finished run of the same config) and returns its curves."""
+    sweep({workdir.name: config}, workdir.parent, progress=False)
     events = read_jsonl(workdir / "events.jsonl")
-    if not (events and events[-1]["event"] == "end"):
-        train_and_evaluate(config, workdir)
-        events = read_jsonl(workdir / "events.jsonl")
     val = [r for r in read_jsonl(workdir / "metrics.jsonl") if r["split"] == "val"]
     return {
         "steps": [r["step"] for r in val],
@@ -174,7 +165,7 @@ def ablation(out: pathlib.Path, steps: int) -> str:
         names = {s: f"none-rate0.00-seed{s}" if method == "none" else f"swaps-{method}-seed{s}"
                  for s in ABLATION["seeds"]}  # the in-order runs are the grid's baselines
         final = [run_one(out / "runs" / names[seed],
-                         make_config(method, 0.0, seed, steps, failures=False))["val_loss"][-1]
+                         make_config(method, 0.0, seed, steps))["val_loss"][-1]
                  for seed in ABLATION["seeds"]]
         swap_rows.append(f"| {label} | {_mean_std(final)} |")
     return (f"CheckFree (interior failures) at {ABLATION['rate']:.0%}/h, {steps} iterations, "

@@ -25,8 +25,10 @@ sys.path.insert(0, str(ROOT))
 
 import matplotlib.pyplot as plt  # noqa: E402
 
+from configs import replicated as replicated_config  # noqa: E402
 from decjax import sim  # noqa: E402
 from decjax.data import default_cache_dir  # noqa: E402
+from decjax.train.distributed import run_config  # noqa: E402
 from decjax.train.records import replace_results_block, write_atomically  # noqa: E402
 from decjax.train.replicated import (  # noqa: E402
     NOLOCO,
@@ -51,9 +53,6 @@ GRIDS = {
     "full": dict(replicas=(4, 8, 16), seeds=(0, 1, 2), steps=500),
     "quick": dict(replicas=(4,), seeds=(0,), steps=200),
 }
-# The proxy that is actually trained: byte tokenizer, 64-token sequences, 32 per step.
-PROXY = dict(global_batch=32, seq_len=64, d_model=64, n_heads=4, n_layers=2, d_ff=128, lr=3e-3,
-             eval_batches=4, eval_batch_size=16)
 # The papers' H per 1000 inner steps; a run of n steps uses H * n / 1000, so it makes as many
 # outer steps as a 1000-step run with the papers' H (NoLoCo 20, DiLoCo 10).
 PAPER_SYNC_EVERY = {"dp": 0, "diloco": 100, "diloco_nesterov": 100, "noloco": 50}
@@ -68,11 +67,12 @@ def sync_every(method: str, steps: int) -> int:
 
 
 def make_config(method: str, n_replicas: int, seed: int, steps: int) -> ReplicatedConfig:
-    # Warmup is 4% of the run, as the paper's 1000 of 25k steps.
-    return ReplicatedConfig(method=method, n_replicas=n_replicas, seed=seed, steps=steps,
-                            sync_every=sync_every(method, steps),
-                            warmup_steps=max(1, steps // 25), eval_every=max(1, steps // 10),
-                            progress=True, **PROXY)
+    """``configs/replicated.py`` (warmup and evaluations scaled to the run's length) with the
+    papers' H scaled likewise."""
+    config = replicated_config.get_config(
+        f"method={method},replicas={n_replicas},seed={seed},steps={steps}")
+    config.run.update(sync_every=sync_every(method, steps), progress=True)
+    return run_config(config)
 
 
 def run_one(workdir: pathlib.Path, config: ReplicatedConfig, data) -> RunResult:

@@ -72,7 +72,8 @@ plt.switch_backend("Agg")  # files only
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("grid", "full", ["full", "quick"], "Which grid to run.")
 flags.DEFINE_string("out", str(pathlib.Path(__file__).parent / "results"), "Output folder.")
-flags.DEFINE_integer("steps", 0, "Training iterations per run; 0 takes the grid's default.", lower_bound=0)
+flags.DEFINE_integer("steps", 0, "Training iterations per run; 0 takes the grid's default.",
+                     lower_bound=0)
 flags.DEFINE_list("variants", [], "Train only these variants (ids of VARIANTS); no tables.")
 flags.DEFINE_list("seeds", [], "Train only these seeds; no tables.")
 
