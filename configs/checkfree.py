@@ -6,7 +6,8 @@
     python -m decjax.train.sweep --config=configs/checkfree.py:size=tiny \
         --grid="method=checkpoint,checkfree_plus" --out=runs/cf-sweep
 
-Variants: ``method`` (none, checkpoint, redundant, checkfree, checkfree_plus), ``rate``
+Variants: ``method`` (none, checkpoint, redundant, checkfree, checkfree_plus, and the
+combinations checkfree_reroute, reroute and peer_copy, see :mod:`decjax.train.methods`), ``rate``
 (failures per stage-hour, in [0, 1); 0 or ``method=none``: no failures), ``seed`` (model,
 data order and failure trace), ``steps`` (0: the size's default), ``recovery`` and
 ``opt_rule`` (CheckFree's rebuild rules, see :mod:`decjax.checkfree`), ``size`` (``small``:

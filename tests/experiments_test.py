@@ -63,6 +63,19 @@ def test_skippipe_quick_grid_writes_tables_and_plot(tmp_path):
     assert "done " not in again.stdout and "retraining" not in again.stdout
 
 
+def test_combinations_quick_grid_writes_its_table(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "experiments/combinations/run.py", "--part=peer_copy", "--grid=quick",
+         f"--out={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line.split(" | ")[1]: line.split(" | ") for line in
+            (tmp_path / "peer_copy-quick.md").read_text().splitlines() if line.startswith("| 33%")}
+    assert set(rows) == {"no failures", "checkpointing", "CheckFree+", "copy from a peer replica"}
+    # An exact copy from a peer replica loses nothing: the final loss is the no-failure one.
+    assert rows["copy from a peer replica"][6] == rows["no failures"][6]
+    assert float(rows["CheckFree+"][2]) > 0  # the trace has failures
+
+
 @pytest.mark.parametrize("script, flag, message", [
     ("checkfree", "--steps=-5", "flag --steps=-5: -5 is not a non-negative integer"),
     ("noloco", "--steps=-5", "flag --steps=-5: -5 is not a non-negative integer"),

@@ -83,7 +83,6 @@ def _no_compute(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("compute started before the input was checked")
 
-    monkeypatch.setattr(loop, "make_train_step", fail)
     monkeypatch.setattr(loop, "init_state", fail)
 
 
@@ -336,6 +335,84 @@ def test_plain_checkfree_with_two_stages_is_refused(tmp_path, monkeypatch):
         train_and_evaluate(config, tmp_path)
     config.method.name = "checkfree_plus"
     validate(config)
+
+
+def _work(workdir, stage: int) -> list[int]:
+    """Microbatches ``stage`` ran at each step."""
+    return [e["microbatches"][f"stage{stage}"] for e in read_jsonl(workdir / "events.jsonl")
+            if e["event"] == "work"]
+
+
+def test_routing_around_a_lost_stage_shares_checkfrees_trace(tmp_path):
+    runs = {}
+    for name in ("checkfree", "checkfree_reroute", "reroute"):
+        config = tiny_config(train__steps=12, ckpt__every=12, train__eval_every=6,
+                             sim__failures="mtbf", sim__mtbf_seconds=20.0, method__name=name)
+        config.model.update(n_layers=4, n_stages=4)
+        train_and_evaluate(config, tmp_path / name)
+        runs[name] = _failure_events(tmp_path / name)
+    assert runs["checkfree"] == runs["checkfree_reroute"] == runs["reroute"]
+    (first_step, stage), *_ = runs["reroute"]
+    # Never rebuilt: the stage runs no microbatch from its failure on.
+    work = _work(tmp_path / "reroute", stage)
+    assert set(work[first_step - 1:]) == {0} and set(work[:first_step - 1]) == {2}
+    # Rebuilt: skipped only while the fetch lasts (one iteration here), then back.
+    events = read_jsonl(tmp_path / "checkfree_reroute" / "events.jsonl")
+    skipped = sum(e["iterations"] for e in events if e["event"] == "reroute")
+    assert skipped >= 1 and _work(tmp_path / "checkfree_reroute", stage).count(0) <= skipped
+    # The stall is what rerouting saves: CheckFree's clock is charged the fetch.
+    clocks = {n: read_jsonl(tmp_path / n / "metrics.jsonl")[-1]["sim_seconds"] for n in runs}
+    assert clocks["checkfree"] > clocks["checkfree_reroute"] == clocks["reroute"]
+
+
+def test_a_stage_copied_from_a_peer_replica_trains_exactly_as_without_failures(tmp_path):
+    losses, clocks = {}, {}
+    for name, failures in (("none", "none"), ("peer_copy", "mtbf")):
+        config = tiny_config(train__steps=8, ckpt__every=8, train__eval_every=4,
+                             sim__failures=failures, sim__mtbf_seconds=20.0, sim__replicas=2,
+                             method__name=name)
+        train_and_evaluate(config, tmp_path / name)
+        rows = read_jsonl(tmp_path / name / "metrics.jsonl")
+        losses[name] = [r["loss"] for r in rows]
+        clocks[name] = rows[-1]["sim_seconds"]
+    assert len(_failure_events(tmp_path / "peer_copy")) > 0
+    assert losses["peer_copy"] == losses["none"]  # the copy is exact
+    assert clocks["peer_copy"] > clocks["none"]  # but it costs the transfers
+    config = tiny_config(sim__failures="mtbf", method__name="peer_copy")  # one replica
+    with pytest.raises(ConfigError, match="sim.replicas=1 there is no peer replica"):
+        validate(config)
+
+
+def test_a_resumed_reroute_run_still_skips_its_lost_stages(tmp_path):
+    config = tiny_config(train__steps=12, ckpt__every=6, train__eval_every=6,
+                         sim__failures="mtbf", sim__mtbf_seconds=20.0, method__name="reroute")
+    config.model.update(n_layers=4, n_stages=4)
+    straight = train_and_evaluate(config, tmp_path / "straight")
+    train_and_evaluate(config, tmp_path / "resumed", stop_after_step=6)
+    resumed = train_and_evaluate(config, tmp_path / "resumed")
+    assert resumed.final_val_loss == straight.final_val_loss
+    (step, stage), *_ = _failure_events(tmp_path / "straight")
+    assert step <= 6 and _work(tmp_path / "resumed", stage)[-1] == 0
+
+
+def test_skippipe_config_trains_along_planned_partial_pipelines(tmp_path):
+    from configs import skippipe
+
+    config = skippipe.get_config("size=tiny,steps=6")
+    config.log.update(progress=False, plot=False)
+    train_and_evaluate(config, tmp_path)
+    events = read_jsonl(tmp_path / "events.jsonl")
+    start = events[0]
+    assert start["method"] == "skippipe" and start["schedules"] == 5
+    assert start["sim_iteration_seconds"] == pytest.approx(np.mean(start["makespans"]))
+    # 25 % skip of 5 stages: every stage runs 12 of the 15 microbatches, every step.
+    work = [e["microbatches"] for e in events if e["event"] == "work"]
+    assert len(work) == 6 and all(w[f"stage{s}"] == 12 for w in work for s in range(5))
+    last = read_jsonl(tmp_path / "metrics.jsonl")[-1]
+    assert last["sim_seconds"] == pytest.approx(6 * start["sim_iteration_seconds"])
+    config.sim.failures = "hourly"
+    with pytest.raises(ConfigError, match="skippipe needs sim.failures='none'"):
+        validate(config)
 
 
 def test_no_failure_method_refuses_a_failure_trace(tmp_path, monkeypatch):

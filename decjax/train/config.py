@@ -126,7 +126,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     try:
         validate_data_config(config.data)
         validate_sim_config(config.sim)
-        validate_method_config(config.method, config.sim.failures, config.model.n_stages)
+        validate_method_config(config.method, config.sim.failures, config.model.n_stages,
+                               config.sim.replicas)
     except ValueError as e:
         raise ConfigError(str(e)) from e
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from decjax import tree
 from decjax.data import eval_batches, load_data, train_iterator
-from decjax.models import StagedLlama, full_route
+from decjax.models import StagedLlama
 from decjax.train import records
 from decjax.train.checkpoint import Checkpointer
 from decjax.train.config import ConfigError, make_model, make_optimizer, make_schedule, validate
@@ -30,7 +30,7 @@ from decjax.train.simulation import (
     make_failure_trace,
     make_world,
 )
-from decjax.train.step import abstract_state, init_state, make_eval_step, make_train_step
+from decjax.train.step import abstract_state, init_state, make_eval_step
 
 RouteFn = Callable[[int], np.ndarray]
 
@@ -101,6 +101,7 @@ def train_and_evaluate(
     if start_step:  # checked against meta before anything is computed
         state, extras = ckpt.restore(start_step, abstract_state(model, tx), meta)
         batches.set_state(extras["iterator"])
+        method.set_state(extras.get("method", {}))
         clock, wall_offset = SimClock.from_state(extras["clock"]), extras["wall_seconds"]
     else:
         state = init_state(model, tx, jax.random.key(config.seed))
@@ -121,13 +122,13 @@ def train_and_evaluate(
     if trace is not None:
         run.save_trace(trace)
 
-    route = full_route(t.microbatches, model.n_stages)  # evaluation uses the plain model
     route_fn = route_fn or method.route
-    train_step = jax.jit(make_train_step(model, tx), donate_argnums=0)
+    train_step = jax.jit(method.train_step(), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(model))
     val_batches = eval_batches(data, batch_size=t.batch_size, num_batches=t.eval_batches)
 
     def evaluate(step: int, params) -> float:
+        route = method.eval_route()  # the whole model, less any stage lost for good
         sums = jax.device_get([eval_step(params, rows, route) for rows in val_batches])
         val_loss = sum(float(s) for s, _ in sums) / sum(float(n) for _, n in sums)
         run.metrics(step, "val", {"loss": val_loss, "sim_seconds": clock.seconds,
@@ -170,7 +171,7 @@ def train_and_evaluate(
             last_val = evaluate(step, state.params)
         if step % config.ckpt.every == 0 or step == last_step:
             extras = {"iterator": batches.get_state(), "clock": clock.state(),
-                      "wall_seconds": wall_seconds()}
+                      "wall_seconds": wall_seconds(), "method": method.state()}
             ckpt.save(step, state, extras, meta)
             run.event(step, "checkpoint", path=str(ckpt.directory / str(step)))
         logger.bar.update(1)

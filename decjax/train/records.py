@@ -28,12 +28,15 @@ def write_atomically(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def replace_results_block(readme: pathlib.Path, text: str) -> None:
-    """Replaces the generated block of ``readme`` (between :data:`RESULTS_MARKERS`) with ``text``.
+def replace_results_block(readme: pathlib.Path, text: str, name: str = "") -> None:
+    """Replaces the generated block of ``readme`` (between :data:`RESULTS_MARKERS`, or the
+    markers ``<!-- results:<name>:start -->`` / ``...:end -->`` of a named block) with ``text``.
 
     A README without the markers is left untouched.
     """
     start, end = RESULTS_MARKERS
+    if name:
+        start, end = (m.replace("results:", f"results:{name}:") for m in RESULTS_MARKERS)
     body = readme.read_text()
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     if pattern.search(body):
