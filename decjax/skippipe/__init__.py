@@ -18,6 +18,7 @@ from decjax.skippipe.allocation import (
 )
 from decjax.skippipe.builders import (
     full_pipeline_schedule,
+    reference_plan,
     round_robin_schedule,
     stage_major_allocation,
 )
@@ -102,6 +103,7 @@ __all__ = [
     "path_violations",
     "plan",
     "reference_instance",
+    "reference_plan",
     "rotating_plans",
     "rotating_schedules",
     "round_robin_allocation",

@@ -104,3 +104,41 @@ def round_robin_schedule(allocation, n_microbatches: int, skip_ratio: float, *,
         nodes[hit] = members[np.arange(hit.size) % members.size]
     io = groups[0][np.arange(m) * groups[0].size // m]
     return Schedule(allocation, io, stages, nodes.reshape(m, k))
+
+
+def reference_plan(partitions, paths, microbatches_per_path: int) -> Schedule:
+    """A :class:`Schedule` from the reference planner's output (gensyn-ai/skippipe's
+    ``create_schedule.py`` JSON: its ``partitions`` and ``ca-paths``), to simulate it here.
+
+    Args:
+        partitions: node lists, io (data) nodes first, then each body stage's nodes.
+        paths: one ``{node: next node}`` chain per agent, as the JSON's ``ca-paths`` values;
+            agent ``a`` starts at ``partitions[0][a]`` (keys may be strings, as in JSON).
+        microbatches_per_path: microbatches each agent's path carries (the reference sends
+            ``3 // paths_in_coarsened * 2`` per agent).
+
+    Returns:
+        A schedule whose microbatches are grouped by io node in node order, as
+        :func:`round_robin_schedule` and :func:`plan` assign them.
+    """
+    count = _integer(microbatches_per_path, "microbatches_per_path", 1)
+    if isinstance(paths, dict):  # the JSON's {"0": chain, "1": chain, ...}
+        paths = [paths[key] for key in sorted(paths, key=int)]
+    if not partitions or len(paths) != len(partitions[0]):
+        raise ValueError(f"partitions must list the io nodes first, one per path; got "
+                         f"{len(partitions[0]) if partitions else 0} io nodes for {len(paths)} "
+                         "paths")
+    allocation = np.full(sum(len(p) for p in partitions), IO, np.int32)
+    for stage, members in enumerate(partitions[1:]):
+        allocation[list(members)] = stage
+    rows = []
+    for io, chain in zip(partitions[0], paths, strict=True):
+        chain, node, hops = {int(a): int(b) for a, b in chain.items()}, int(io), []
+        while node in chain and len(hops) < allocation.size:  # the cap stops a cyclic chain
+            node = chain[node]
+            hops.append(node)
+        rows += [(int(io), hops)] * count
+    rows.sort(key=lambda row: row[0])  # stable: each io node's microbatches stay together
+    return Schedule(allocation, [io for io, _ in rows],
+                    [[int(allocation[v]) for v in hops] for _, hops in rows],
+                    [hops for _, hops in rows])

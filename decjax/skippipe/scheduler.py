@@ -10,10 +10,13 @@ schedule is 12% better than its first (spec skippipe.md §2.4); it reports no bo
   every rule of :func:`validate`, exact stage and node balance included: swap the nodes of two
   visits of one stage, reorder one path, exchange one stage between two paths, exchange two
   whole paths. ``collision_aware=False`` minimises the summed round-trip link seconds of all
-  paths (no queueing; the "without TC2" variant); ``collision_aware=True`` continues from that
-  result (or the round robin, whichever simulates shorter) and minimises the
-  :func:`decjax.skippipe.simulate` makespan, ties broken by the summed microbatch completion
-  times; half the moves involve the microbatch that ends last.
+  paths (no queueing; the "without TC2" variant); ``collision_aware=True`` continues from the
+  best-simulating of that result, the round robin and, where the allocation allows one, the
+  best plan in which each io node keeps one path to itself (an exact min–max cover, the space
+  the reference's coarsened search explores), and minimises the
+  :func:`decjax.skippipe.simulate` makespan in a few short annealing runs, ties broken by the
+  summed microbatch completion times; half the moves involve the microbatches of the io node
+  that ends last. The latency phase gets at most a third of the time budget.
 * :func:`lower_bound` is a makespan no schedule of the same allocation, io assignment and
   balance can beat under the simulator's model (per-node work; activation slots at io nodes
   times the shortest legal round trip).
@@ -35,11 +38,12 @@ from decjax.sim.cost import ComputeCost
 from decjax.sim.network import Placement
 from decjax.skippipe.builders import _groups, round_robin_schedule
 from decjax.skippipe.paths import Schedule, _integer, legal_paths, path_length, validate
-from decjax.skippipe.simulate import REFERENCE_MEMORY, simulate
+from decjax.skippipe.simulate import PRIORITIES, REFERENCE_MEMORY, _run, _slots, simulate
 
 _MOVES = ("node", "order", "stage", "path")
 LATENCY_TEMPERATURE_S = 1.0  # initial annealing temperature of each search phase
 MAKESPAN_TEMPERATURE_S = 0.5
+ANNEALING_RUNS = 4  # the simulated phase's evaluations are split over this many runs
 
 
 class _Instance:
@@ -74,8 +78,13 @@ class _Instance:
 
 
 def _propose(rng, inst, orders, nodes, fixed_sets, focus):
-    """A random balance-preserving move: ``(m1, m2, new paths)`` or ``None`` if not possible."""
-    m1 = focus if focus is not None and rng.random() < 0.5 else int(rng.integers(inst.m))
+    """A random balance-preserving move: ``(m1, m2, new paths)`` or ``None`` if not possible.
+
+    Half the time ``m1`` is drawn from ``focus`` (microbatch indices), when given."""
+    if focus and rng.random() < 0.5:
+        m1 = focus[int(rng.integers(len(focus)))]
+    else:
+        m1 = int(rng.integers(inst.m))
     move = _MOVES[int(rng.integers(2 if fixed_sets else 4))] if inst.m > 1 else "order"
     o1, n1 = orders[m1], nodes[m1]
     if move == "order":
@@ -168,21 +177,130 @@ class _LatencyScore:
                 self.per[m] = self.inst.latency(m, nodes[m])
 
 
-class _MakespanScore:
-    """Simulated makespan, then the summed completion times; focus on the last microbatch."""
+class _Simulator:
+    """:func:`simulate`'s completion times for path lists, without its checks or Timeline.
 
-    def __init__(self, inst, placement, cost, activation_bytes, sim_options):
-        self.inst, self.placement, self.cost = inst, placement, cost
-        self.nbytes, self.options = activation_bytes, sim_options
+    The planner simulates thousands of candidates, so this builds the task chains straight from
+    ``(io, orders, nodes)`` lists and runs :func:`simulate`'s own event loop on them: the same
+    numbers (a test checks it), at a fraction of the cost. Options are :func:`simulate`'s and
+    are checked by :func:`plan`'s first :func:`simulate` call.
+    """
+
+    def __init__(self, placement, cost, activation_bytes, *, memory=REFERENCE_MEMORY,
+                 priority="fifo", io_forward_s=None, task_gap_s=0.0, release_s=None, seed=0):
+        io_f = float(np.mean(cost.forward_s)) if io_forward_s is None else float(io_forward_s)
+        self.io_tasks = io_f, cost.loss(), cost.backward_factor * io_f
+        self.fwd = cost.forward_s.tolist()
+        self.bwd = [cost.backward_factor * f for f in self.fwd]
+        self.link = placement.transfer_matrix(activation_bytes).tolist()
+        self.slots = _slots(memory, placement.n_nodes)
+        self.class_of = PRIORITIES[priority]
+        self.cost, self.seed, self.gap, self.release = cost, seed, float(task_gap_s), release_s
+
+    def completions(self, io, orders, nodes, microbatches=None) -> list[float] | None:
+        """End of each path's ``io_backward``; ``None`` when memory deadlocks the paths.
+
+        ``microbatches``: the schedule's indices of these paths (for ``release_s``); default
+        ``0 .. len(io) - 1``."""
+        (io_f, loss, io_b), fwd, bwd, link = self.io_tasks, self.fwd, self.bwd, self.link
+        chain_node, duration, link_s, kind = [], [], [], []
+        for u, order, hops in zip(io, orders, nodes, strict=True):
+            k = len(hops)
+            chain = [u, *hops, u, *hops[::-1], u]
+            chain_node += chain
+            duration += [io_f, *(fwd[s] for s in order), loss, *(bwd[s] for s in order[::-1]),
+                         io_b]
+            link_s += [0.0, *(link[a][b] for a, b in itertools.pairwise(chain))]
+            kind += [0, *[1] * k, 2, *[3] * k, 4]
+        duration = np.asarray(duration)
+        if self.cost.straggler_sigma:
+            duration = duration * self.cost.sample(self.seed, duration.shape)
+        index = range(len(io)) if microbatches is None else microbatches
+        release = [0.0] * len(io) if self.release is None else \
+            [float(self.release[m]) for m in index]
+        _, start, end = _run(np.asarray(chain_node), np.asarray(kind), duration,
+                             np.asarray(link_s), release, list(self.slots),
+                             [self.class_of[x] for x in kind], self.gap)
+        if any(math.isnan(t) for t in start):
+            return None
+        return [t for t, x in zip(end, kind, strict=True) if x == 4]
+
+
+class _MakespanScore:
+    """Simulated makespan, then the summed completion times (``inf`` for a memory deadlock).
+
+    Focus: the microbatches of the io node whose microbatch ends last. Its makespan is a chain
+    of microbatches through its activation slots, so the move that helps is often on an
+    earlier microbatch of that io node, not on the last one itself."""
+
+    def __init__(self, inst, simulator):
+        self.inst, self.simulator = inst, simulator
+        self.blocks = {u: [m for m in range(inst.m) if inst.io[m] == u] for u in set(inst.io)}
 
     def __call__(self, orders, nodes, touched):
-        tl = simulate(self.inst.schedule(orders, nodes), self.placement, self.cost,
-                      activation_bytes=self.nbytes, **self.options)
-        done = tl.end_s[tl.kind == 4]
-        return (float(done.max()), float(done.sum())), int(np.argmax(done))
+        done = self.simulator.completions(self.inst.io, orders, nodes)
+        if done is None:
+            return (math.inf, math.inf), None
+        last = max(range(len(done)), key=done.__getitem__)
+        return (max(done), math.fsum(done)), self.blocks[self.inst.io[last]]
 
     def restore(self, orders, nodes, touched):
         pass
+
+
+def _isolated_paths(inst, simulator, deadline, max_paths: int = 20_000):
+    """The best plan in which each io node sends all its microbatches along one path and no
+    two io nodes share a body node; ``None`` where no such plan is balanced, or on timeout.
+
+    Such a plan is balanced exactly when every body node's visit quota equals an io node's
+    microbatch count (the reference instance: 5 io nodes x 3 hops cover the 15 body nodes,
+    6 visits each, 6 microbatches each). Its io nodes then never meet, so an io node's time on
+    a path is one small simulation of its microbatches alone, and the best plan is an exact
+    min–max cover, found by depth-first search, hardest io node first [ours; the reference's
+    coarsened CBS searches this space heuristically (spec skippipe.md §2.4, §2.7)].
+    """
+    n_io = inst.io_nodes.size
+    count = inst.m // n_io
+    if inst.m % n_io or any(count * members.size * inst.n_stages != inst.m * inst.k
+                            for members in inst.stage_nodes):
+        return None
+    paths = [(order, hops) for group in inst.orders.values() for order in group
+             for hops in itertools.product(*(inst.stage_nodes[s].tolist() for s in order))]
+    if len(paths) * n_io > max_paths:
+        return None
+    costs = {}  # io node -> [(seconds, path index)], fastest first
+    for j, u in enumerate(inst.io_nodes.tolist()):
+        block = range(j * count, (j + 1) * count)
+        costs[u] = []
+        for i, (order, hops) in enumerate(paths):
+            if time.perf_counter() > deadline:
+                return None
+            done = simulator.completions([u] * count, [order] * count, [hops] * count, block)
+            if done is not None:
+                costs[u].append((max(done), i))
+        costs[u].sort()
+    if not all(costs.values()):
+        return None
+    ios = sorted(costs, key=lambda u: -costs[u][0][0])  # the most constrained first
+    best = [math.inf, None]
+
+    def cover(depth, used, worst, chosen):
+        if depth == len(ios):
+            best[:] = worst, dict(chosen)
+            return
+        u = ios[depth]
+        for seconds, i in costs[u]:
+            if max(worst, seconds) >= best[0]:
+                break  # sorted: no later path of u does better
+            if used.isdisjoint(paths[i][1]):
+                chosen[u] = paths[i]
+                cover(depth + 1, used | set(paths[i][1]), max(worst, seconds), chosen)
+        chosen.pop(u, None)
+
+    cover(0, frozenset(), 0.0, {})
+    if best[1] is None:
+        return None
+    return [best[1][u][0] for u in inst.io], [best[1][u][1] for u in inst.io]
 
 
 def plan(allocation, placement: Placement, cost: ComputeCost, *, n_microbatches: int,
@@ -217,9 +335,9 @@ def plan(allocation, placement: Placement, cost: ComputeCost, *, n_microbatches:
     Returns:
         A :class:`Schedule` that passes :func:`validate`. The latency phase starts from
         :func:`round_robin_schedule` and ends no worse in summed link seconds; with
-        ``collision_aware=True`` the simulated phase starts from the better-simulating of its
-        result and the round robin, so the plan's makespan is at most both (when the
-        evaluation cap, not the time budget, ends the latency phase).
+        ``collision_aware=True`` the simulated phase starts from the best-simulating of its
+        result, the round robin and the isolated-path cover, so the plan's makespan is at most
+        each of them (when the evaluation cap, not the time budget, ends the earlier phases).
 
     Example::
 
@@ -238,15 +356,26 @@ def plan(allocation, placement: Placement, cost: ComputeCost, *, n_microbatches:
     nodes = [tuple(r) for r in start.nodes.tolist()]
     start_orders, start_nodes = list(orders), list(nodes)
     rng = np.random.default_rng(seed)
+    # The latency phase only seeds the simulated one: leave that one most of the budget.
+    latency_deadline = min(deadline, time.perf_counter() + time_budget_s / 3) \
+        if collision_aware else deadline
     _search(inst, orders, nodes, _LatencyScore(inst), rng, fixed_sets=fixed_sets,
-            deadline=deadline, max_evaluations=10 * evaluations,
+            deadline=latency_deadline, max_evaluations=10 * evaluations,
             temperature=LATENCY_TEMPERATURE_S)
     if collision_aware:
-        score = _MakespanScore(inst, placement, cost, activation_bytes, sim_options)
-        if score(start_orders, start_nodes, None) < score(orders, nodes, None):
-            orders, nodes = start_orders, start_nodes  # the round robin simulates shorter
-        _search(inst, orders, nodes, score, rng, fixed_sets=fixed_sets, deadline=deadline,
-                max_evaluations=evaluations, temperature=MAKESPAN_TEMPERATURE_S)
+        simulate(start, placement, cost, activation_bytes=activation_bytes, **sim_options)  # checks
+        simulator = _Simulator(placement, cost, activation_bytes, **sim_options)
+        score = _MakespanScore(inst, simulator)
+        starts = [(orders, nodes), (start_orders, start_nodes)]  # ties keep the first
+        if not fixed_sets:
+            starts.append(_isolated_paths(inst, simulator, deadline))
+        orders, nodes = map(list, min((s for s in starts if s), key=lambda s: score(*s, None)[0]))
+        # Short annealing runs, each from the best so far: the landscape is flat (a max), and a
+        # run that wanders off its start rarely comes back within one long cooling.
+        for _ in range(ANNEALING_RUNS):
+            _search(inst, orders, nodes, score, rng, fixed_sets=fixed_sets, deadline=deadline,
+                    max_evaluations=evaluations // ANNEALING_RUNS,
+                    temperature=MAKESPAN_TEMPERATURE_S)
     out = inst.schedule(orders, nodes)
     validate(out, n_stages=inst.n_stages, skip_ratio=skip_ratio, **inst.limits)
     return out
