@@ -4,14 +4,19 @@
         --workdir=runs/diloco-tiny
     python -m decjax.launch --processes=4 -- python -m decjax.train \
         --config=configs/replicated.py:method=noloco,size=tiny --workdir=runs/noloco-4p
+    JAX_NUM_CPU_DEVICES=4 python -m decjax.train \
+        --config=configs/noloco.py:stages=4,failures=0.02,recovery=peer_copy \
+        --workdir=runs/noloco-lost-stages
 
 Variants: ``method`` (dp, diloco, diloco_nesterov, noloco), ``replicas`` (R; with the launcher
 it must equal processes x devices per process), ``seed``, ``steps`` (0: the size's
 default; else with a warmup of 4 % and 10 evaluations), ``size`` (``small``: the NoLoCo experiment's
-proxy; ``tiny``: seconds on a CPU). Fields: ``run.*`` (:class:`ReplicatedConfig`) and
-``dist.*`` (failure detection and joins, :func:`decjax.dist.default_dist_config`). Alone, the
-run stacks its replicas on this process's devices (one per device: set
-``JAX_NUM_CPU_DEVICES`` on a CPU).
+proxy; ``tiny``: seconds on a CPU), ``stages`` (blocks, one pipeline stage each; 0: the size's),
+``failures`` (probability per step that a replica loses an interior stage's node) and
+``recovery`` (checkfree or peer_copy; :mod:`decjax.train.stage_failures`). Fields: ``run.*``
+(:class:`ReplicatedConfig`) and ``dist.*`` (failure detection and joins,
+:func:`decjax.dist.default_dist_config`). Alone, the run stacks its replicas on this process's
+devices (one per device: set ``JAX_NUM_CPU_DEVICES`` on a CPU).
 """
 
 import dataclasses
@@ -30,11 +35,15 @@ SMALL = dict(global_batch=32, seq_len=64, d_model=64, n_heads=4, n_layers=2, d_f
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = base.parse_arg(arg, method="noloco", replicas=4, seed=0, steps=0, size="small")
+    arg = base.parse_arg(arg, method="noloco", replicas=4, seed=0, steps=0, size="small",
+                         stages=0, failures=0.0, recovery="checkfree")
     sizes = {"tiny": TINY, "small": SMALL}
     if arg.size not in sizes:
         raise ValueError(f"config variant size={arg.size!r}: one of {', '.join(sizes)}")
-    fields = dict(sizes[arg.size], method=arg.method, n_replicas=arg.replicas, seed=arg.seed)
+    fields = dict(sizes[arg.size], method=arg.method, n_replicas=arg.replicas, seed=arg.seed,
+                  stage_failure_rate=arg.failures, stage_recovery=arg.recovery)
+    if arg.stages:
+        fields["n_layers"] = arg.stages
     if arg.steps:  # warmup 4 % of the run (the NoLoCo paper's 1000 of 25k), 10 evaluations
         fields.update(steps=arg.steps, warmup_steps=max(1, arg.steps // 25),
                       eval_every=max(1, arg.steps // 10))

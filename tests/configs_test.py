@@ -1,4 +1,5 @@
 import importlib
+import json
 import pathlib
 
 import pytest
@@ -54,3 +55,9 @@ def test_every_tiny_variant_trains_in_seconds(name, tmp_path):
     val = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "val"]
     losses = [r.get("loss", r.get("loss_mean")) for r in val]
     assert len(losses) >= 2 and np.isfinite(losses).all() and losses[-1] < losses[0]
+    if "settle" in config:  # the run's nodes are paid for the microbatches they processed
+        record = json.loads((tmp_path / "settlement.json").read_text())
+        assert record["failed"] == [] and record["violations"] == []
+        assert {p["node"]: p["amount"] for p in record["payments"]} == {
+            node: n * config.settle.price_per_microbatch for node, n in record["work"].items()}
+        assert record["work"]["io"] == config.train.steps * config.train.microbatches

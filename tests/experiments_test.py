@@ -63,17 +63,32 @@ def test_skippipe_quick_grid_writes_tables_and_plot(tmp_path):
     assert "done " not in again.stdout and "retraining" not in again.stdout
 
 
-def test_combinations_quick_grid_writes_its_table(tmp_path):
+def combinations_rows(part: str, row_prefix: str, out: pathlib.Path) -> dict:
+    """``{method label: cells}`` of one combinations table, run on its quick grid."""
     result = subprocess.run(
-        [sys.executable, "experiments/combinations/run.py", "--part=peer_copy", "--grid=quick",
-         f"--out={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        [sys.executable, "experiments/combinations/run.py", f"--part={part}", "--grid=quick",
+         f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = {line.split(" | ")[1]: line.split(" | ") for line in
-            (tmp_path / "peer_copy-quick.md").read_text().splitlines() if line.startswith("| 33%")}
+    return {line.split(" | ")[1]: line.split(" | ") for line in
+            (out / f"{part}-quick.md").read_text().splitlines() if line.startswith(row_prefix)}
+
+
+def test_combinations_quick_grid_writes_its_table(tmp_path):
+    rows = combinations_rows("peer_copy", "| 33%", tmp_path)
     assert set(rows) == {"no failures", "checkpointing", "CheckFree+", "copy from a peer replica"}
     # An exact copy from a peer replica loses nothing: the final loss is the no-failure one.
     assert rows["copy from a peer replica"][6] == rows["no failures"][6]
     assert float(rows["CheckFree+"][2]) > 0  # the trace has failures
+
+
+def test_combinations_noloco_quick_grid_writes_its_table(tmp_path):
+    rows = combinations_rows("noloco", "| 0.2 ", tmp_path)
+    assert set(rows) == {"no failures", "CheckFree inside the replica", "copy from a peer replica"}
+    lost = float(rows["copy from a peer replica"][2])
+    assert lost == float(rows["CheckFree inside the replica"][2]) > 0  # one shared trace
+    # a drifted peer's stage is nearer the lost one than the neighbours' average
+    assert float(rows["copy from a peer replica"][3]) < float(
+        rows["CheckFree inside the replica"][3])
 
 
 @pytest.mark.parametrize("script, flag, message", [

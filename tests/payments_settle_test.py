@@ -201,3 +201,23 @@ def test_cli(run_dir, capsys):
     assert main([f"--workdir={run_dir}"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main([f"--workdir={run_dir / 'nope'}"]) == 2
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("protocol", "lightning", "settle: unknown protocol 'lightning'"),
+    ("price_per_microbatch", 0, "settle: price_per_microbatch must be positive"),
+    ("n_relays", 0, "settle: n_relays must be an int >= 1"),
+])
+def test_a_bad_settle_field_fails_before_training(field, value, message):
+    from configs import payments
+    from decjax.train import validate
+    from decjax.train.config import ConfigError
+
+    config = payments.get_config("size=tiny")
+    config.settle[field] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(config)
+    config = payments.get_config("size=tiny")
+    config.trainer = "replicated"
+    with pytest.raises(ConfigError, match="only trainer='loop'"):
+        validate(config)

@@ -314,6 +314,26 @@ def _pay_sync(graph, path, value, fee, *, seed, f, signer, delay, delta):
             [f"{v.property}: {v.detail}" for v in run.violations()])
 
 
+def check_options(*, price_per_microbatch: int, protocol: str = "psyncpcn", f: int = 1,
+                  fee: int = 1, signer: str = "hmac", delay: str = "fixed", n_relays: int = 4,
+                  seed: int = 0) -> None:
+    """Raises :class:`ConfigError` naming the first of :func:`settle`'s options that is not
+    allowed; a trainer calls it before training so that a bad option fails at once."""
+    check_amount(price_per_microbatch, "price_per_microbatch")
+    check_amount(fee, "fee", allow_zero=True)
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+    if delay not in DELAYS:
+        raise ConfigError(f"unknown delay model {delay!r}; expected one of {DELAYS}")
+    if signer not in ("hmac", "ed25519"):
+        raise ConfigError(f"signer must be 'hmac' or 'ed25519', got {signer!r}")
+    for name, value in (("f", f), ("n_relays", n_relays)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+    if not (isinstance(seed, int) and not isinstance(seed, bool)):
+        raise ConfigError(f"seed must be an int, got {seed!r}")
+
+
 def settle(work: Mapping[str, int], *, price_per_microbatch: int, protocol: str = "psyncpcn",
            seed: int = 0, graph: ChannelGraph | None = None, payer: str = "coordinator",
            n_relays: int = 4, f: int = 1, fee: int = 1, signer: str = "hmac",
@@ -338,16 +358,8 @@ def settle(work: Mapping[str, int], *, price_per_microbatch: int, protocol: str 
     Failed payments (no route with enough free balance, or an aborted run) are reported in the
     result with ``status="failed"``; they do not raise.
     """
-    check_amount(price_per_microbatch, "price_per_microbatch")
-    check_amount(fee, "fee", allow_zero=True)
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
-    if delay not in DELAYS:
-        raise ConfigError(f"unknown delay model {delay!r}; expected one of {DELAYS}")
-    if signer not in ("hmac", "ed25519"):
-        raise ConfigError(f"signer must be 'hmac' or 'ed25519', got {signer!r}")
-    if not (isinstance(f, int) and not isinstance(f, bool) and f >= 1):
-        raise ConfigError(f"f must be an int >= 1, got {f!r}")
+    check_options(price_per_microbatch=price_per_microbatch, protocol=protocol, f=f, fee=fee,
+                  signer=signer, delay=delay)
     if not work:
         raise ConfigError("nothing to settle: the work log names no node")
     for node, count in work.items():

@@ -80,6 +80,8 @@ def _get(config, field: str):
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises :class:`ConfigError` naming the first field with a value that is not allowed."""
+    if "settle" in config:
+        _validate_settle(config)
     if config.get("trainer") in ("replicated", "experts"):
         from decjax.dist import validate_dist_config
         from decjax.train import distributed, experts
@@ -130,6 +132,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                config.sim.replicas)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+
+
+def _validate_settle(config: ml_collections.ConfigDict) -> None:
+    """``settle``: the options of :func:`decjax.payments.settle.settle` for paying the run's
+    nodes after training; only the pipeline trainer records per-node work."""
+    from decjax.payments.settle import check_options
+
+    trainer = config.get("trainer", "loop")
+    if trainer != "loop":
+        raise ConfigError(f"settle is not allowed with trainer={trainer!r}: only trainer='loop' "
+                          "(a pipeline run) records the per-node work to settle")
+    try:
+        check_options(**config.settle)
+    except (TypeError, ValueError) as e:  # TypeError: a field check_options does not take
+        raise ConfigError(f"settle: {e}") from e
 
 
 def make_model(config: ml_collections.ConfigDict, vocab_size: int) -> StagedLlama:

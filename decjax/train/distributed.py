@@ -48,6 +48,7 @@ from decjax.train.replicated import (
     make_evaluate,
     make_train_step,
 )
+from decjax.train.stage_failures import block_bytes, failure_trace, rebuild_lost
 
 SIM_METHOD = {"dp": "allreduce", "diloco": "allreduce", "diloco_nesterov": "allreduce",
               "noloco": "gossip"}
@@ -128,7 +129,8 @@ class _Trainer:
     def __init__(self, config: ReplicatedConfig, group: Group, workdir: pathlib.Path):
         self.config, self.group, self.workdir = config, group, workdir
         self.data = load_run_data(config)
-        one = dataclasses.replace(config, n_replicas=1)
+        # One replica's initial state (the optimizer built as for the run: same state layout).
+        one = dataclasses.replace(config, n_replicas=1, stage_recovery="checkfree")
         self.graphdef, self.tx, self.init = init_replicas(one, self.data.vocab_size)
         self.eval_rows = np.stack(eval_batches(self.data, batch_size=config.eval_batch_size,
                                                num_batches=config.eval_batches))
@@ -143,6 +145,8 @@ class _Trainer:
         self.sim_world = (network, sim.place_round_robin(network, config.n_replicas))
         self.iterators: dict[int, object] = {}
         self._failure: Exception | None = None
+        self.stage_trace = failure_trace(config.n_replicas, config.n_layers, config.steps,
+                                         config.stage_failure_rate, config.seed)
 
     # -- the record (process 0) -------------------------------------------------------------
 
@@ -238,6 +242,8 @@ class _Trainer:
             if evaluation is not None:
                 evaluation["step"] = step
                 self._record_eval(evaluation)
+            if step in self.stage_trace:  # nodes lost after this step, rebuilt before the next
+                replicas = self._rebuild_stages(replicas, layout, step)
             bar.update(1)
         bar.close()
         return self._finish(layout)
@@ -259,6 +265,25 @@ class _Trainer:
                 raise
             self._failure = failure
             return None
+
+    def _rebuild_stages(self, replicas, layout: _Layout, step: int):
+        """This step's lost blocks rebuilt; one ``stage_failure`` event each, with the
+        simulated seconds of the recovery's transfer (a replica's nodes share its region:
+        CheckFree fetches the two neighbours there in parallel, a peer copy comes from the
+        peer's region with the block's whole optimizer state)."""
+        replicas, events = rebuild_lost(replicas, self.stage_trace[step], layout.replica_ids,
+                                        self.config.stage_recovery)
+        network, placement = self.sim_world
+        for e in events:
+            here, block = placement.region_of(e["replica_id"]), e["block"]
+            if e["recovery"] == "peer_copy":
+                nbytes = block_bytes(replicas[0], block) + block_bytes(replicas[1], block)
+                source, senders = placement.region_of(e["peer_id"]), 1
+            else:
+                nbytes, source, senders = block_bytes(replicas[0], block), here, 2
+            self.event(step, "stage_failure", **e, sim_recovery_bytes=senders * nbytes,
+                       sim_recovery_seconds=network.transfer_seconds(source, here, nbytes))
+        return replicas
 
     def _after_step(self, step, layout, mean_loss, seconds):
         c = self.config
@@ -377,6 +402,8 @@ class _Trainer:
         rows = records.read_jsonl(self.record.metrics_path)
         train = [r for r in rows if r["split"] == "train"]
         val = [r for r in rows if r["split"] == "val"]
+        lost = [e for e in records.read_jsonl(self.record.events_path)
+                if e["event"] == "stage_failure"]
         plain = [r["step_seconds"] for r in train if not r["sync"]]
         synced = [r["step_seconds"] for r in train if r["sync"]]
         result = dict(
@@ -388,7 +415,9 @@ class _Trainer:
             spread=[r["spread"] for r in val], final_replica_losses=val[-1]["loss_R"],
             train_loss=[r["loss"] for r in train],
             median_step_seconds=float(np.median(plain)) if plain else None,
-            median_sync_step_seconds=float(np.median(synced)) if synced else None)
+            median_sync_step_seconds=float(np.median(synced)) if synced else None,
+            stage_failures=len(lost),
+            sim_recovery_seconds=sum(e["sim_recovery_seconds"] for e in lost))
         records.write_atomically(self.workdir / "result.json", json.dumps(result))
         self.event(c.steps, "end", val_loss=result["val_loss_mean"][-1],
                    replicas=len(layout.devices))

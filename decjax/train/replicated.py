@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from decjax.data import LMData, default_data_config, eval_batches, load_data, train_iterator
 from decjax.models import Llama, LlamaConfig
 from decjax.optim import DILOCO_PRESETS, diloco, noloco, replicate, stack_replicas
+from decjax.train.stage_failures import RECOVERIES, failure_trace, rebuild_lost
 
 AXIS = "replica"
 METHODS = ("dp", "diloco", "diloco_nesterov", "noloco")
@@ -73,6 +74,11 @@ class ReplicatedConfig:
       seed: model init, data order and NoLoCo's peer draws.
       max_bytes_per_domain: cap on each data domain (0: all of it).
       progress: show a progress bar.
+      stage_failure_rate: probability, after each step, that a replica loses the node of one
+        of its interior blocks (each replica a pipeline of one block per stage;
+        :mod:`decjax.train.stage_failures`); 0: no failures.
+      stage_recovery: how a lost block is rebuilt: ``"checkfree"`` (its neighbours' average)
+        or ``"peer_copy"`` (the same block of a peer replica).
     """
 
     method: str = "noloco"
@@ -95,6 +101,8 @@ class ReplicatedConfig:
     seed: int = 0
     max_bytes_per_domain: int = 0
     progress: bool = True
+    stage_failure_rate: float = 0.0
+    stage_recovery: str = "checkfree"
 
     def __post_init__(self):
         _check_config(self)
@@ -140,6 +148,15 @@ def _check_config(c: ReplicatedConfig) -> None:
              c.n_heads, f"must divide d_model={c.d_model} into heads of even width (rotary)")
     _require(c.method != "dp" or c.sync_every in (0, 1), "sync_every", c.sync_every,
              "0 or 1 for method='dp' (data parallel syncs every step)")
+    _require(_is_real(c.stage_failure_rate) and 0 <= c.stage_failure_rate < 1,
+             "stage_failure_rate", c.stage_failure_rate, "a probability in [0, 1)")
+    _require(c.stage_recovery in RECOVERIES, "stage_recovery", c.stage_recovery,
+             f"one of {', '.join(RECOVERIES)}")
+    if c.stage_failure_rate:
+        _require(c.n_layers >= 3, "n_layers", c.n_layers,
+                 "at least 3 with stage_failure_rate > 0 (blocks 1 .. n_layers - 2 can fail)")
+        _require(c.stage_recovery != "peer_copy" or c.n_replicas >= 2, "stage_recovery",
+                 c.stage_recovery, "needs n_replicas >= 2 (a peer to copy from)")
 
 
 # -- model and optimizers ---------------------------------------------------------------------
@@ -166,14 +183,15 @@ def make_inner(config: ReplicatedConfig) -> optax.GradientTransformation:
 def make_optimizer(config: ReplicatedConfig) -> optax.GradientTransformation:
     """The per-replica optimizer of ``config.method``; it talks to the others over ``AXIS``."""
     inner, h = make_inner(config), config.h
+    # Lost blocks are rebuilt leaf by leaf, so the anchor and momentum stay parameter-shaped.
+    outer = dict(axis_name=AXIS, pack_state=not config.stage_failure_rate)
     if config.method == "dp":
         return inner  # the gradient is averaged in the train step
     if config.method == "diloco":
-        return diloco(inner, **(DILOCO_PRESETS["noloco_paper"] | dict(sync_every=h)),
-                      axis_name=AXIS)
+        return diloco(inner, **(DILOCO_PRESETS["noloco_paper"] | dict(sync_every=h)), **outer)
     if config.method == "diloco_nesterov":
-        return diloco(inner, **(DILOCO_PRESETS["original"] | dict(sync_every=h)), axis_name=AXIS)
-    return noloco(inner, sync_every=h, seed=config.seed, axis_name=AXIS, **NOLOCO)
+        return diloco(inner, **(DILOCO_PRESETS["original"] | dict(sync_every=h)), **outer)
+    return noloco(inner, sync_every=h, seed=config.seed, **outer, **NOLOCO)
 
 
 # -- pure steps -------------------------------------------------------------------------------
@@ -303,6 +321,7 @@ class RunResult:
     train_loss: list[float]
     outer_steps: int
     wall_seconds: float
+    stage_failures: int = 0
 
     @property
     def final(self) -> dict[str, float]:
@@ -324,7 +343,9 @@ def train(config: ReplicatedConfig, data: LMData | None = None) -> RunResult:
     evaluate = make_evaluate(graphdef, np.stack(eval_batches(
         data, batch_size=config.eval_batch_size, num_batches=config.eval_batches)))
     batches = replica_batches(data, config)
-    evals, eval_steps, train_losses = [evaluate(replicas.params)], [0], []
+    trace = failure_trace(config.n_replicas, config.n_layers, config.steps,
+                          config.stage_failure_rate, config.seed)
+    evals, eval_steps, train_losses, lost = [evaluate(replicas.params)], [0], [], 0
     bar = tqdm(range(1, config.steps + 1), disable=not config.progress, leave=False,
                desc=f"{config.method} R={config.n_replicas} seed={config.seed}")
     for step in bar:
@@ -333,6 +354,10 @@ def train(config: ReplicatedConfig, data: LMData | None = None) -> RunResult:
         if step % config.eval_every == 0 or step == config.steps:
             evals.append(evaluate(replicas.params))
             eval_steps.append(step)
+        if step in trace:  # nodes lost after this step, rebuilt before the next
+            rebuilt, events = rebuild_lost(replicas, trace[step], list(range(config.n_replicas)),
+                                           config.stage_recovery)
+            replicas, lost = Replicas(*rebuilt), lost + len(events)
     bar.close()
     losses_R, averaged, spread = (np.asarray(x) for x in zip(*evals, strict=True))
     return RunResult(
@@ -343,4 +368,4 @@ def train(config: ReplicatedConfig, data: LMData | None = None) -> RunResult:
         final_replica_losses=losses_R[-1].tolist(),
         train_loss=np.asarray(train_losses).tolist(),
         outer_steps=_outer_steps(replicas.opt_state),
-        wall_seconds=time.perf_counter() - start)
+        wall_seconds=time.perf_counter() - start, stage_failures=lost)

@@ -34,6 +34,11 @@ def train_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
         from decjax.train.loop import train_and_evaluate
 
         train_and_evaluate(config, workdir)
+        if "settle" in config:  # derived from events.jsonl alone, so recomputed every time
+            from decjax.payments.settle import SETTLEMENT_FILE, settle_run
+
+            result = settle_run(workdir, overwrite=True, **config.settle)
+            print(f"{result.summary()}\nwrote {pathlib.Path(workdir) / SETTLEMENT_FILE}")
         return
     from decjax.train import distributed, experts
 

@@ -64,7 +64,7 @@ COLORS = {4: "tab:blue", 7: "tab:green", 10: "tab:orange", 13: "tab:red"}
 DELTA = 1.0
 VALUE, FEE = 100, 1
 K_U = 2  # messages per two-party co-signed update, Brick-style propose-and-countersign (§4)
-TRAIN_COMMAND = [sys.executable, "-m", "decjax.train", "--config=configs/quickstart.py:size=tiny",
+TRAIN_COMMAND = [sys.executable, "-m", "decjax.train", "--config=configs/payments.py:size=tiny",
                  "--config.log.progress=False", "--config.log.plot=False"]
 
 
@@ -180,7 +180,7 @@ def settle_rows(out: pathlib.Path, grid: dict) -> list[dict]:
     if grid["train_run"]:
         run = tiny_training_run(out / "work_logs" / "tiny_run")
         if run is not None:
-            logs["real tiny training run (quickstart.py:size=tiny)"] = run
+            logs["real tiny training run (payments.py:size=tiny)"] = run
     rows = []
     for label, workdir in logs.items():
         work = settlement.read_work(workdir / "events.jsonl")
