@@ -13,8 +13,8 @@ it must equal processes x devices per process), ``seed``, ``steps`` (0: the size
 default; else with a warmup of 4 % and 10 evaluations), ``size`` (``small``: the NoLoCo experiment's
 proxy; ``tiny``: seconds on a CPU), ``stages`` (blocks, one pipeline stage each; 0: the size's),
 ``failures`` (probability per step that a replica loses an interior stage's node) and
-``recovery`` (checkfree or peer_copy; :mod:`decjax.train.stage_failures`). Fields: ``run.*``
-(:class:`ReplicatedConfig`) and ``dist.*`` (failure detection and joins,
+``recovery`` (checkfree, checkfree_uniform or peer_copy; :mod:`decjax.train.stage_failures`).
+Fields: ``run.*`` (:class:`ReplicatedConfig`) and ``dist.*`` (failure detection and joins,
 :func:`decjax.dist.default_dist_config`). Alone, the run stacks its replicas on this process's
 devices (one per device: set ``JAX_NUM_CPU_DEVICES`` on a CPU).
 """

@@ -83,7 +83,8 @@ def test_combinations_quick_grid_writes_its_table(tmp_path):
 
 def test_combinations_noloco_quick_grid_writes_its_table(tmp_path):
     rows = combinations_rows("noloco", "| 0.2 ", tmp_path)
-    assert set(rows) == {"no failures", "CheckFree inside the replica", "copy from a peer replica"}
+    assert set(rows) == {"no failures", "CheckFree inside the replica",
+                         "CheckFree, equal weights", "copy from a peer replica"}
     lost = float(rows["copy from a peer replica"][2])
     assert lost == float(rows["CheckFree inside the replica"][2]) > 0  # one shared trace
     # a drifted peer's stage is nearer the lost one than the neighbours' average

@@ -35,7 +35,7 @@ def _steps(config, data):
     step = make_train_step(graphdef, tx, config.method)
     batches = replica_batches(data, config)
     for _ in range(config.steps):
-        replicas, _ = step(replicas, next(batches))
+        replicas, _, _ = step(replicas, next(batches))
         yield replicas.params
 
 

@@ -74,12 +74,28 @@ def test_checkfree_averages_the_neighbours_with_fresh_state():
         assert all(float(np.abs(x[1]).max()) > 0 for x in leaves_of_block(tree, 1))
 
 
+def test_checkfree_weights_the_neighbours_by_their_gradient_norms():
+    replicas = drifted_replicas()
+    norms = np.ones((3, 4))
+    norms[2, 3] = 3.0  # replica 2's right neighbour of block 2: weight 3 / 4
+    (params, _), [event] = rebuild_lost(tuple(replicas), [(2, 2)], [0, 1, 2], "checkfree",
+                                        norms)
+    assert event["weight_right"] == pytest.approx(0.75, rel=1e-3)
+    w, blocks = event["weight_right"], replicas.params["blocks"]
+    jax.tree.map(lambda x, a, b: np.testing.assert_allclose(x[2], (1 - w) * a[2] + w * b[2],
+                                                            rtol=1e-5, atol=1e-6),
+                 params["blocks"][2], blocks[1], blocks[3])
+    _, [event] = rebuild_lost(tuple(replicas), [(2, 2)], [0, 1, 2], "checkfree_uniform", norms)
+    assert (event["recovery"], event["weight_right"]) == ("checkfree_uniform", 0.5)
+
+
 def test_peer_for_skips_replicas_that_lost_the_same_block():
     assert peer_for([0, 1, 2, 3], 1, 2, [(1, 2)]) == 2
     assert peer_for([0, 1, 2, 3], 1, 2, [(1, 2), (2, 2)]) == 3
     assert peer_for([5, 7], 7, 1, [(7, 1), (5, 1)]) is None
     replicas = drifted_replicas()
-    _, events = rebuild_lost(tuple(replicas), [(0, 1), (1, 1), (2, 1)], [0, 1, 2], "peer_copy")
+    _, events = rebuild_lost(tuple(replicas), [(0, 1), (1, 1), (2, 1)], [0, 1, 2], "peer_copy",
+                             np.ones((3, 4)))
     assert [e["recovery"] for e in events] == ["checkfree"] * 3  # nobody kept block 1
 
 

@@ -87,6 +87,7 @@ class _Programs:
         self.step = make_train_step(graphdef, tx, config.method, mesh=mesh)
         self.evaluate = make_evaluate(graphdef, eval_rows, out_shardings=replicated)
         self.mean = jax.jit(jnp.mean, out_shardings=replicated)
+        self.gather = jax.jit(lambda x: x, out_shardings=replicated)  # readable on every process
 
 
 def _read(x) -> np.ndarray:
@@ -235,7 +236,7 @@ class _Trainer:
                     if r in layout.local_ids(group.process_id):
                         self.iterators[r].set_state({"next_index": step})
                 continue
-            replicas, mean_loss, seconds, evaluation = outcome
+            replicas, mean_loss, seconds, evaluation, norms_RL = outcome
             step += 1
             rows = None
             self._after_step(step, layout, mean_loss, seconds - began)
@@ -243,36 +244,38 @@ class _Trainer:
                 evaluation["step"] = step
                 self._record_eval(evaluation)
             if step in self.stage_trace:  # nodes lost after this step, rebuilt before the next
-                replicas = self._rebuild_stages(replicas, layout, step)
+                norms = _read(programs.gather(norms_RL))  # every block's last gradient norm
+                replicas = self._rebuild_stages(replicas, layout, step, norms)
             bar.update(1)
         bar.close()
         return self._finish(layout)
 
     def _try_step(self, programs, replicas, rows, layout, evaluate: bool):
-        """One step (and evaluation) in one atomic block; ``None`` if a member died."""
+        """One step (and evaluation) in one atomic block: ``(replicas, mean loss, end time,
+        evaluation, block gradient norms)``; ``None`` if a member died."""
         try:
             with self.group.live() as live:
                 if len(live) != len(layout.devices):
                     return None
                 batch = state.to_mesh(rows, programs.mesh)
-                replicas, loss_R = programs.step(Replicas(*replicas), batch)
+                replicas, loss_R, norms_RL = programs.step(Replicas(*replicas), batch)
                 mean_loss = float(_read(programs.mean(loss_R)))
                 done = time.perf_counter()  # the step's time, without the evaluation
                 evaluation = self._evaluate(programs, replicas, None) if evaluate else None
-            return tuple(replicas), mean_loss, done, evaluation
+            return tuple(replicas), mean_loss, done, evaluation, norms_RL
         except (ProcessFailureError, jax.errors.JaxRuntimeError) as failure:
             if not self.group.distributed:
                 raise
             self._failure = failure
             return None
 
-    def _rebuild_stages(self, replicas, layout: _Layout, step: int):
+    def _rebuild_stages(self, replicas, layout: _Layout, step: int, block_norms: np.ndarray):
         """This step's lost blocks rebuilt; one ``stage_failure`` event each, with the
         simulated seconds of the recovery's transfer (a replica's nodes share its region:
         CheckFree fetches the two neighbours there in parallel, a peer copy comes from the
         peer's region with the block's whole optimizer state)."""
         replicas, events = rebuild_lost(replicas, self.stage_trace[step], layout.replica_ids,
-                                        self.config.stage_recovery)
+                                        self.config.stage_recovery, block_norms)
         network, placement = self.sim_world
         for e in events:
             here, block = placement.region_of(e["replica_id"]), e["block"]

@@ -77,8 +77,9 @@ class ReplicatedConfig:
       stage_failure_rate: probability, after each step, that a replica loses the node of one
         of its interior blocks (each replica a pipeline of one block per stage;
         :mod:`decjax.train.stage_failures`); 0: no failures.
-      stage_recovery: how a lost block is rebuilt: ``"checkfree"`` (its neighbours' average)
-        or ``"peer_copy"`` (the same block of a peer replica).
+      stage_recovery: how a lost block is rebuilt: ``"checkfree"`` (its neighbours' average,
+        weighted by their gradient norms), ``"checkfree_uniform"`` (equal weights) or
+        ``"peer_copy"`` (the same block of a peer replica).
     """
 
     method: str = "noloco"
@@ -226,7 +227,9 @@ def next_token_loss(graphdef, params, rows_BT1: jax.Array) -> jax.Array:
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, method: str,
                     mesh: jax.sharding.Mesh | None = None):
-    """Jitted ``step(replicas, rows_RBT1) -> (replicas, loss_R)``: one inner step per replica.
+    """Jitted ``step(replicas, rows_RBT1) -> (replicas, loss_R, block_grad_norms_RL)``: one
+    inner step per replica, with the gradient norm of each transformer block (CheckFree's
+    weights when a block is lost, :mod:`decjax.train.stage_failures`).
 
     ``mesh=None`` stacks the replicas on one device (``vmap``); a mesh with axis ``"replica"``
     runs one replica per device, across processes too (``shard_map``).
@@ -236,15 +239,17 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, method: str,
         loss, grads = jax.value_and_grad(lambda p: next_token_loss(graphdef, p, rows_BT1))(params)
         if method == "dp":
             grads = lax.pmean(grads, AXIS)
+        norms = jnp.stack([optax.tree.norm(grads["blocks"][b]) for b in sorted(grads["blocks"])])
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, loss, norms
 
     step = replicate(replica_step, axis_name=AXIS, mesh=mesh)
 
     @jax.jit
     def train_step(replicas: Replicas, rows_RBT1: jax.Array):
-        params, opt_state, loss_R = step(replicas.params, replicas.opt_state, rows_RBT1)
-        return Replicas(params, opt_state), loss_R
+        params, opt_state, loss_R, norms_RL = step(replicas.params, replicas.opt_state,
+                                                   rows_RBT1)
+        return Replicas(params, opt_state), loss_R, norms_RL
 
     return train_step
 
@@ -349,14 +354,14 @@ def train(config: ReplicatedConfig, data: LMData | None = None) -> RunResult:
     bar = tqdm(range(1, config.steps + 1), disable=not config.progress, leave=False,
                desc=f"{config.method} R={config.n_replicas} seed={config.seed}")
     for step in bar:
-        replicas, loss_R = train_step(replicas, next(batches))
+        replicas, loss_R, norms_RL = train_step(replicas, next(batches))
         train_losses.append(loss_R.mean())
         if step % config.eval_every == 0 or step == config.steps:
             evals.append(evaluate(replicas.params))
             eval_steps.append(step)
         if step in trace:  # nodes lost after this step, rebuilt before the next
             rebuilt, events = rebuild_lost(replicas, trace[step], list(range(config.n_replicas)),
-                                           config.stage_recovery)
+                                           config.stage_recovery, np.asarray(norms_RL))
             replicas, lost = Replicas(*rebuilt), lost + len(events)
     bar.close()
     losses_R, averaged, spread = (np.asarray(x) for x in zip(*evals, strict=True))

@@ -8,10 +8,11 @@ uniformly; as in plain CheckFree, the edge stages do not fail). The draws depend
 seed, so runs that differ only in the recovery rule see the same failures. Two rules rebuild
 the lost block of replica ``r`` before the next step:
 
-* ``"checkfree"``: the average of the same replica's neighbouring blocks (CheckFree's uniform
-  rule: the weighted rule needs per-stage gradient norms that the replicated step does not
-  return), with fresh optimizer state: zero Adam moments, zero outer momentum, and the rebuilt
-  weights as its anchor (the node has no slow weights of its own).
+* ``"checkfree"``: CheckFree's weighted average of the same replica's neighbouring blocks,
+  each weighted by its gradient norm of the last step
+  (:func:`decjax.checkfree.neighbour_weight`), with fresh optimizer state: zero Adam moments,
+  zero outer momentum, and the rebuilt weights as its anchor (the node has no slow weights of
+  its own). ``"checkfree_uniform"``: the same with equal weights (CheckFree's uniform rule).
 * ``"peer_copy"``: the same block of a peer replica (the next one in the live order that did not
   lose that block this step), with all its state: weights, Adam moments, anchor and momentum.
   Under data parallel the copy is exact; NoLoCo and DiLoCo replicas drift apart between
@@ -28,7 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-RECOVERIES = ("checkfree", "peer_copy")
+from decjax.checkfree import neighbour_weight
+
+RECOVERIES = ("checkfree", "checkfree_uniform", "peer_copy")
 BLOCKS = "blocks"  # the Llama's params key of its transformer blocks
 
 
@@ -67,9 +70,10 @@ def _block_path(path) -> tuple[int, tuple] | None:
 
 
 @functools.partial(jax.jit, static_argnames=("block", "rule"))
-def lose_stage(replicas, replica, peer, *, block: int, rule: str):
+def lose_stage(replicas, replica, peer, weight_right=0.5, *, block: int, rule: str):
     """``(params, opt_state)`` with ``block`` of ``replica`` rebuilt by ``rule`` (see module
-    doc); ``peer`` is the replica to copy from (``"peer_copy"``; ignored by ``"checkfree"``)."""
+    doc): ``"peer_copy"`` copies replica ``peer``'s block; ``"checkfree"`` takes
+    ``(1 - weight_right) * left + weight_right * right`` of the neighbouring blocks."""
     params, opt_state = replicas
     if rule == "peer_copy":
         def copy(path, leaf):
@@ -79,7 +83,7 @@ def lose_stage(replicas, replica, peer, *, block: int, rule: str):
         return (jax.tree_util.tree_map_with_path(copy, params),
                 jax.tree_util.tree_map_with_path(copy, opt_state))
     blocks = params[BLOCKS]
-    rebuilt = jax.tree.map(lambda a, b: 0.5 * (a[replica] + b[replica]),
+    rebuilt = jax.tree.map(lambda a, b: (1 - weight_right) * a[replica] + weight_right * b[replica],
                            blocks[block - 1], blocks[block + 1])
     by_rest = {_keys(p): x for p, x in jax.tree_util.tree_flatten_with_path(rebuilt)[0]}
 
@@ -108,9 +112,11 @@ def peer_for(replica_ids: list[int], replica: int, block: int,
     return None
 
 
-def rebuild_lost(replicas, lost: list[tuple[int, int]], replica_ids: list[int], rule: str):
+def rebuild_lost(replicas, lost: list[tuple[int, int]], replica_ids: list[int], rule: str,
+                 block_norms: np.ndarray):
     """Rebuilds this step's lost ``(replica, block)`` pairs of the live ``replica_ids`` (mesh
-    order); returns ``((params, opt_state), events)``, one event dict per rebuilt block, with
+    order); ``block_norms[position, block]`` are the last step's gradient norms. Returns
+    ``((params, opt_state), events)``, one event dict per rebuilt block, with
     ``weight_error``, the rebuilt weights' relative distance from the lost ones. A
     ``"peer_copy"`` with no peer left holding the block falls back to ``"checkfree"``."""
     events = []
@@ -118,12 +124,17 @@ def rebuild_lost(replicas, lost: list[tuple[int, int]], replica_ids: list[int], 
         if replica not in replica_ids:  # gone with its process
             continue
         peer = peer_for(replica_ids, replica, block, lost) if rule == "peer_copy" else None
-        used = "peer_copy" if peer is not None else "checkfree"
+        used = "peer_copy" if peer is not None else rule.replace("peer_copy", "checkfree")
         position = replica_ids.index(replica)
+        norms = block_norms[position]
+        weight = 0.5 if used == "checkfree_uniform" else neighbour_weight(
+            float(norms[block - 1]), float(norms[block + 1]))
         before = replicas[0]
-        replicas = lose_stage(tuple(replicas), position, peer or 0, block=block, rule=used)
+        replicas = lose_stage(tuple(replicas), position, peer or 0, weight, block=block,
+                              rule="peer_copy" if peer is not None else "checkfree")
         events.append(dict(replica_id=replica, block=block, recovery=used,
                            peer_id=None if peer is None else replica_ids[peer],
+                           weight_right=None if peer is not None else weight,
                            weight_error=float(_relative_error(before, replicas[0], position,
                                                               block=block))))
     return replicas, events

@@ -48,7 +48,7 @@ flags.DEFINE_string("out", str(pathlib.Path(__file__).parent / "results"), "Outp
 PARTS = {
     "reroute": ("none", "checkfree", "checkfree_reroute", "reroute"),
     "peer_copy": ("none", "checkpoint", "checkfree_plus", "peer_copy"),
-    "noloco": ("none", "checkfree", "peer_copy"),
+    "noloco": ("none", "checkfree", "checkfree_uniform", "peer_copy"),
 }
 REPLICAS = 4  # NoLoCo replicas, one (fake CPU) device each
 LABELS = {"none": "no failures", "checkfree": "CheckFree (stall while fetching)",
@@ -56,6 +56,7 @@ LABELS = {"none": "no failures", "checkfree": "CheckFree (stall while fetching)"
           "reroute": "route around, never rebuild", "checkpoint": "checkpointing",
           "checkfree_plus": "CheckFree+", "peer_copy": "copy from a peer replica"}
 NOLOCO_LABELS = {"none": "no failures", "checkfree": "CheckFree inside the replica",
+                 "checkfree_uniform": "CheckFree, equal weights",
                  "peer_copy": "copy from a peer replica"}
 GRIDS = {"full": dict(rates=(0.10, 0.33), seeds=(0, 1), size="small", steps=400),
          "quick": dict(rates=(0.33,), seeds=(0,), size="tiny", steps=12)}
