@@ -124,7 +124,10 @@ def rebuild_lost(replicas, lost: list[tuple[int, int]], replica_ids: list[int], 
         if replica not in replica_ids:  # gone with its process
             continue
         peer = peer_for(replica_ids, replica, block, lost) if rule == "peer_copy" else None
-        used = "peer_copy" if peer is not None else rule.replace("peer_copy", "checkfree")
+        if peer is not None:
+            used = "peer_copy"
+        else:  # a CheckFree rule, or a peer copy with no peer left: CheckFree weighted
+            used = "checkfree" if rule == "peer_copy" else rule
         position = replica_ids.index(replica)
         norms = block_norms[position]
         weight = 0.5 if used == "checkfree_uniform" else neighbour_weight(
