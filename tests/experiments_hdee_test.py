@@ -33,7 +33,7 @@ def test_hdee_quick_grid_writes_table_and_plots_and_resumes(tmp_path):
     assert set(records["runs"]) == {f"{k}|seed0" for k in (*ENSEMBLES, "dense", "seed")}
     one = records["runs"]["M_He-I_Ho|seed0"]
     assert one["padded_d_ff"] == 256  # S, M and L trained in one padded, vmapped group
-    evaluation = one["eval"]["markov1_v8"]
+    evaluation = one["test"]["markov1_v8"]
     assert evaluation["prior_rows"] > 0 and abs(sum(evaluation["prior"]) - 1) < 1e-5
     assert set(evaluation["modes"]) == {"uniform_posterior", "cached_prior", "top1",
                                         "logprob_average_not_mixture"}

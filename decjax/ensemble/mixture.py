@@ -355,3 +355,53 @@ def evaluate_modes(
         modes["top1"] = top1_logprobs(lp_EBT, top1_expert(prior))
     modes["logprob_average_not_mixture"] = logprob_average(lp_EBT)
     return {name: float(perplexity(logp, mask)) for name, logp in modes.items()}
+
+
+_STACKED_LOGPROBS: dict = {}
+
+
+def stacked_token_logprobs(config, params_E: PyTree, rows: np.ndarray, *,
+                           chunk: int = 64) -> np.ndarray:
+    """``float32[E, N, T]`` target log-probs of every stacked one-stage expert of ``config``
+    on ``rows``, in fixed chunks of ``chunk`` rows (one compilation per config and ``E``)."""
+    n_experts = jax.tree.leaves(params_E)[0].shape[0]
+    key = (config, n_experts, chunk)
+    if key not in _STACKED_LOGPROBS:
+        fn = staged_logprob_fn(StagedLlama(config, n_stages=1))
+        _STACKED_LOGPROBS[key] = jax.jit(lambda p, r: expert_token_logprobs(
+            fn, p, r, experts_per_chunk=n_experts))
+    out = []
+    for start in range(0, len(rows), chunk):
+        part = rows[start:start + chunk]
+        padded = np.concatenate([part, np.repeat(part[:1], chunk - len(part), axis=0)])
+        out.append(np.asarray(_STACKED_LOGPROBS[key](params_E, jnp.asarray(padded)))[:, :len(part)])
+    return np.concatenate(out, axis=1)
+
+
+def score_domains(config, params_E: PyTree, names: Sequence[str], corpus, domains: Sequence[str],
+                  *, test_rows: int, prior_rows: int = 100, prior_decay: float = 0.3,
+                  mixtures: bool = True) -> dict:
+    """Per domain, every stacked expert's test perplexity and, with ``mixtures``, each
+    prediction mode's (:func:`evaluate_modes`) under BTM's cached prior estimated on the
+    domain's first ``prior_rows`` *validation* rows.
+
+    ``corpus`` is a :class:`decjax.ensemble.DomainCorpus` with disjoint val and test rows; at
+    most ``test_rows`` test rows are scored. Zero-padded SwiGLU units change nothing, so a
+    padded group is scored with its padded ``config``.
+    """
+    out = {}
+    for d in domains:
+        test = np.asarray(corpus.get("test", d)[:test_rows])
+        lp_test = stacked_token_logprobs(config, params_E, test)
+        scores = {"experts": {n: float(np.exp(-lp_test[i].mean())) for i, n in enumerate(names)},
+                  "test_rows": len(test)}
+        if mixtures:
+            val = np.asarray(corpus.get("val", d)[:prior_rows])
+            prior = estimate_prior(stacked_token_logprobs(config, params_E, val), rows=val,
+                                   split="val", decay=prior_decay, max_sequences=prior_rows)
+            scores.update(modes=evaluate_modes(jnp.asarray(lp_test), prior=prior,
+                                               eval_rows=test, eval_split="test"),
+                          prior=np.exp(prior.log_weights).tolist(),
+                          top1=names[top1_expert(prior)], prior_rows=prior.n_sequences)
+        out[d] = scores
+    return out

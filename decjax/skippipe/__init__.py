@@ -36,10 +36,13 @@ from decjax.skippipe.paths import (
 from decjax.skippipe.scheduler import (
     cpsat_bound,
     exhaustive_plan,
+    load_rotations,
     lower_bound,
     path_latency,
     plan,
     rotating_plans,
+    rotation_key,
+    save_rotations,
 )
 from decjax.skippipe.simulate import (
     KINDS,
@@ -63,6 +66,7 @@ from decjax.skippipe.train import (
     normalize_stage_grads,
     omitted_stage_route,
     rotating_schedules,
+    routes_digest,
     visits_per_stage,
 )
 
@@ -93,6 +97,7 @@ __all__ = [
     "gcma_allocation",
     "kept_stages",
     "legal_paths",
+    "load_rotations",
     "lower_bound",
     "make_skippipe_train_step",
     "makespan",
@@ -105,9 +110,12 @@ __all__ = [
     "reference_instance",
     "reference_plan",
     "rotating_plans",
+    "rotation_key",
     "rotating_schedules",
     "round_robin_allocation",
     "round_robin_schedule",
+    "routes_digest",
+    "save_rotations",
     "simulate",
     "stage_major_allocation",
     "tsp_path",

@@ -29,7 +29,10 @@ schedule is 12% better than its first (spec skippipe.md §2.4); it reports no bo
 """
 
 import itertools
+import json
 import math
+import os
+import pathlib
 import time
 
 import numpy as np
@@ -406,6 +409,36 @@ def rotating_plans(allocation, placement: Placement, cost: ComputeCost, *, n_mic
     return [plan(allocation, placement, cost, n_microbatches=n_microbatches,
                  skip_ratio=skip_ratio, activation_bytes=activation_bytes, shift=j,
                  fixed_sets=True, **options) for j in range(count)]
+
+
+_SCHEDULE_FIELDS = ("node_stage", "io_node", "stages", "nodes")
+
+
+def rotation_key(skip_ratio: float, max_swaps: int) -> str:
+    """The key of one rotation in a plans file: ``"skip 0.2500, max_swaps 2"``."""
+    return f"skip {skip_ratio:.4f}, max_swaps {max_swaps}"
+
+
+def save_rotations(path: str | os.PathLike, rotations: dict, planner: dict) -> None:
+    """Writes ``{rotation_key: {"plans": [Schedule], "wall": seconds}}`` and the planner
+    settings that made them to ``path`` (JSON, atomically), for :func:`load_rotations`."""
+    path = pathlib.Path(path)
+    cells = {key: {"wall": cell["wall"],
+                   "plans": [{f: getattr(p, f).tolist() for f in _SCHEDULE_FIELDS}
+                             for p in cell["plans"]]}
+             for key, cell in rotations.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"planner": planner, "rotations": cells}))
+    os.replace(tmp, path)
+
+
+def load_rotations(path: str | os.PathLike) -> tuple[dict, dict]:
+    """``(planner settings, {rotation_key: {"plans": [Schedule], "wall": seconds}})`` of a
+    file written by :func:`save_rotations`."""
+    stored = json.loads(pathlib.Path(path).read_text())
+    return stored["planner"], {
+        key: {"plans": [Schedule(**p) for p in cell["plans"]], "wall": cell["wall"]}
+        for key, cell in stored["rotations"].items()}
 
 
 def path_latency(schedule: Schedule, placement: Placement, activation_bytes: float) -> float:

@@ -8,6 +8,7 @@ kept, a subset of the body stages runs in increasing order, the others are skipp
 Marked [ref] where the reference does the same, [ours] where this module chooses.
 """
 
+import hashlib
 import itertools
 from collections.abc import Iterator, Sequence
 
@@ -264,6 +265,11 @@ def eval_with_omitted_stages(model: StagedLlama, params: Params, batches: Sequen
     return out
 
 
+def routes_digest(routes) -> str:
+    """A short fingerprint of the routes (``int32[M, P]`` each) a run cycles through."""
+    return hashlib.sha256(np.stack(routes).astype(np.int32).tobytes()).hexdigest()[:16]
+
+
 __all__ = [
     "CHOICES",
     "NORMALIZATIONS",
@@ -273,5 +279,6 @@ __all__ = [
     "normalize_stage_grads",
     "omitted_stage_route",
     "rotating_schedules",
+    "routes_digest",
     "visits_per_stage",
 ]

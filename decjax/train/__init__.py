@@ -5,7 +5,7 @@ Run from the command line with ``python -m decjax.train --config=... --workdir=.
 
 from decjax.train.checkpoint import Checkpointer, CheckpointError
 from decjax.train.config import ConfigError, make_model, make_optimizer, validate
-from decjax.train.loop import RunSummary, train_and_evaluate
+from decjax.train.loop import RunSummary, restore_run, train_and_evaluate
 from decjax.train.step import (
     TrainState,
     accumulate_grads,
@@ -26,6 +26,7 @@ __all__ = [
     "make_model",
     "make_optimizer",
     "make_train_step",
+    "restore_run",
     "train_and_evaluate",
     "validate",
 ]

@@ -163,7 +163,9 @@ def make_model(config: ml_collections.ConfigDict, vocab_size: int) -> StagedLlam
         init_std=m.init_std,
         dtype=m.dtype,
     )
-    return StagedLlama(llama, m.n_stages)
+    # SkipPipe's routes skip every microbatch's stages: branch past them rather than mask.
+    return StagedLlama(llama, m.n_stages,
+                       skip_by_branching=config.get("method", {}).get("name") == "skippipe")
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:

@@ -9,8 +9,14 @@ one expert per (domains, difficulty) group, all experts zero-padded to the wides
 by the step of :mod:`decjax.ensemble.train` under ``jax.shard_map`` over a mesh axis
 ``"expert"`` that spans the group's devices (every device holds ``experts / devices`` of
 them). Nothing crosses that axis during training: the only collectives gather the per-expert
-losses to process 0, which alone writes the run record. Experts start from independent
-initialisations (the experiment script ``experiments/hdee/run.py`` adds the seed-model phase).
+losses to process 0, which alone writes the run record. Two more kinds of run complete an
+HDEE iteration (§2.3-2.5): ``ensemble="seed"`` trains one seed model per width on every
+training domain, and ``ensemble="dense"`` one model of the medium width with the ensembles'
+compute. Experts (and the dense model) start from independent initialisations, or, with
+``init_from`` naming a finished seed run, as copies of its seed model of their width (BTM's
+branching). A finished run stores its models in ``params.msgpack`` and scores every domain,
+held-out ones included, on test rows: each model alone and, for an ensemble, each mixture
+mode under BTM's cached prior from validation rows (:func:`decjax.ensemble.mixture.score_domains`).
 
 When a process dies, its experts die with it: no peer holds their state, so they are not
 rebuilt. The survivors log a ``failure`` event naming the lost experts, the steps each had
@@ -29,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import serialization
 from jax.experimental.multihost_utils import ProcessFailureError
 from tqdm.auto import tqdm
 
@@ -37,9 +44,12 @@ from decjax.dist import Group, state
 from decjax.ensemble import (
     AXIS,
     ENSEMBLE_NAMES,
+    DomainCorpus,
     ExpertState,
     adam_direction,
+    assign_domains,
     cosine_lr,
+    dense_reference,
     domain_corpus,
     expert_compute,
     expert_streams,
@@ -49,7 +59,10 @@ from decjax.ensemble import (
     init_expert_state,
     make_expert_eval,
     make_expert_train_step,
+    mixture,
+    unpad_d_ff,
 )
+from decjax.ensemble.experts import ExpertSpec
 from decjax.ensemble.train import _eval_sets
 from decjax.models.llama import LlamaConfig
 from decjax.models.staged import StagedLlama
@@ -62,18 +75,33 @@ class ExpertsConfig:
     """One ensemble of ``trainer='experts'`` (``configs/hdee.py``).
 
     Attributes:
-      ensemble: one of :data:`decjax.ensemble.ENSEMBLE_NAMES`.
-      domains: one entry per expert: its training domains joined by ``+`` (synthetic specs).
+      ensemble: one of :data:`RUN_KINDS`: an ensemble of
+        :data:`decjax.ensemble.ENSEMBLE_NAMES`, ``"seed"`` (one seed model per width on
+        every training domain, ``seed_steps`` each) or ``"dense"`` (one medium model on every
+        training domain with an ensemble's compute).
+      domains: one entry per expert: its training domains joined by ``+``; a domain is a
+        synthetic spec (``markov2_v8``) or a package of the Python standard library
+        (``asyncio``, its first files up to ``stdlib_bytes``).
       difficulties: each entry's difficulty group (easy, moderate, hard).
+      held_out: domains never trained on, scored at the end.
       d_ff: SwiGLU widths (small, medium, large); ``small + large = 2 medium``.
       steps: step budgets (easy, moderate, hard); ``easy + hard = 2 moderate``.
+      init_from: a finished ``ensemble="seed"`` run's workdir to branch from ("": independent
+        initialisations).
+      data_seed: the domains' train/val split and Markov chains (``seed``: initialisation and
+        data order only).
+      test_rows, prior_rows, prior_decay: the final scoring (test rows per domain; BTM's
+        cached prior on the first ``prior_rows`` validation rows, EWM factor ``prior_decay``).
     """
 
     ensemble: str = "M_He-I_Ho"
     domains: tuple[str, ...] = ("markov3_v4_a0.2", "markov2_v8", "markov2_v16")
     difficulties: tuple[str, ...] = ("easy", "moderate", "hard")
+    held_out: tuple[str, ...] = ()
     d_ff: tuple[int, ...] = (128, 192, 256)
     steps: tuple[int, ...] = (320, 480, 640)
+    seed_steps: int = 600
+    init_from: str = ""
     d_model: int = 64
     n_heads: int = 4
     n_layers: int = 2
@@ -85,17 +113,28 @@ class ExpertsConfig:
     eval_rows: int = 32
     docs_per_domain: int = 32
     doc_len: int = 4096
+    stdlib_bytes: int = 160_000
+    data_seed: int = 0
+    test_rows: int = 256
+    prior_rows: int = 100
+    prior_decay: float = 0.3
     seed: int = 0
     progress: bool = True
 
     def __post_init__(self):
-        if self.ensemble not in ENSEMBLE_NAMES:
+        if self.ensemble not in RUN_KINDS:
             raise ValueError(f"run.ensemble={self.ensemble!r} is not allowed: one of "
-                             f"{', '.join(ENSEMBLE_NAMES)}")
+                             f"{', '.join(RUN_KINDS)}")
         if len(self.domains) != len(self.difficulties):
             raise ValueError(f"run.domains has {len(self.domains)} entries but "
                              f"run.difficulties has {len(self.difficulties)}: one per expert")
-        for field in ("batch_size", "eval_rows", "docs_per_domain", "doc_len", "seq_len"):
+        if self.ensemble == "seed" and self.init_from:
+            raise ValueError(f"run.init_from={self.init_from!r} is not allowed with "
+                             "run.ensemble='seed': seed models start from scratch")
+        if not 0 < self.prior_decay <= 1:
+            raise ValueError(f"run.prior_decay={self.prior_decay!r} is not allowed: in (0, 1]")
+        for field in ("batch_size", "eval_rows", "docs_per_domain", "doc_len", "seq_len",
+                      "seed_steps", "stdlib_bytes", "test_rows", "prior_rows"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"run.{field}={value!r} is not allowed: an integer >= 1")
@@ -109,8 +148,17 @@ class ExpertsConfig:
                 for d, diff in zip(self.domains, self.difficulties, strict=True)]
 
     @property
+    def training_domains(self) -> tuple[str, ...]:
+        return tuple(d for ds, _ in self.groups for d in ds)
+
+    @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
+
+
+RUN_KINDS = (*ENSEMBLE_NAMES, "seed", "dense")
+SEED_SIZES = ("S", "M", "L")  # the seed models' names: seed_S, seed_M, seed_L
+PARAMS_FILE = "params.msgpack"  # {model name: its unpadded params}, next to result.json
 
 
 def run_config(config: ml_collections.ConfigDict) -> ExpertsConfig:
@@ -123,24 +171,64 @@ def run_config(config: ml_collections.ConfigDict) -> ExpertsConfig:
         raise ValueError(f"config.run: {e}; fields are those of ExpertsConfig") from None
 
 
+def is_synthetic(domain: str) -> bool:
+    """Whether ``domain`` names a synthetic Markov source (else a standard-library package)."""
+    return domain.startswith(("markov", "iid_"))
+
+
 def load_corpus(config: ExpertsConfig):
-    """The synthetic domains of ``config``, one corpus (byte tokenizer)."""
-    data = default_data_config()
-    data.update(source="synthetic", seed=config.seed, val_fraction=0.25,
-                synthetic_domains=tuple(d for ds, _ in config.groups for d in ds),
-                synthetic_docs_per_domain=config.docs_per_domain,
-                synthetic_doc_len=config.doc_len)
-    loaded = load_data(data, seq_len=config.seq_len)
-    return domain_corpus(loaded), loaded.tokenizer.vocab_size
+    """``(corpus, vocab_size, entropy_rates)``: every training and held-out domain of
+    ``config`` in one corpus (byte tokenizer), each domain split 75/25 into train and val
+    (whole documents) and its val rows halved into val and test; the Markov domains' entropy
+    rates (nats per byte)."""
+    names = config.training_domains + tuple(config.held_out)
+    sources = {"synthetic": dict(synthetic_domains=tuple(filter(is_synthetic, names)),
+                                 synthetic_docs_per_domain=config.docs_per_domain,
+                                 synthetic_doc_len=config.doc_len),
+               "pystdlib": dict(domains=tuple(d for d in names if not is_synthetic(d)),
+                                max_bytes_per_domain=config.stdlib_bytes)}
+    rows, rates, vocab = {split: {} for split in ("train", "val", "test")}, {}, set()
+    for source, fields in sources.items():
+        if not next(iter(fields.values())):  # no domain of this source
+            continue
+        data = default_data_config()
+        data.update(source=source, seed=config.data_seed, val_fraction=0.25, **fields)
+        loaded = load_data(data, seq_len=config.seq_len)
+        rates.update(loaded.entropy_rate or {})
+        vocab.add(loaded.tokenizer.vocab_size)
+        for split, by_domain in domain_corpus(loaded).rows.items():
+            rows[split].update(by_domain)
+    corpus = DomainCorpus(domains=names, rows={s: {d: r[d] for d in names}
+                                               for s, r in rows.items()})
+    assign_domains(corpus, {"+".join(ds): ds for ds, _ in config.groups},
+                   held_out=config.held_out)
+    (vocab_size,) = vocab  # both sources use the byte tokenizer
+    return corpus, vocab_size, rates
 
 
 def ensemble_specs(config: ExpertsConfig, vocab_size: int):
-    """The chosen ensemble's experts, in one padded group (budgets checked equal)."""
+    """The run's models, in one padded group (the ensembles' budgets checked equal)."""
     base = LlamaConfig(vocab_size=vocab_size, d_model=config.d_model, n_heads=config.n_heads,
                        n_layers=config.n_layers)
-    specs = hdee_ensembles(base, config.groups, d_ff=config.d_ff,
-                           steps=config.steps)[config.ensemble]
+    ensembles = hdee_ensembles(base, config.groups, d_ff=config.d_ff, steps=config.steps)
+    if config.ensemble == "seed":
+        specs = [ExpertSpec(f"seed_{size}", config.training_domains, d_ff, config.seed_steps,
+                            base) for size, d_ff in zip(SEED_SIZES, config.d_ff, strict=True)]
+    elif config.ensemble == "dense":
+        specs = [dense_reference(base, d_ff=config.d_ff[1], domains=config.training_domains,
+                                 ensemble=ensembles["M_Ho-I_Ho"])]
+    else:
+        specs = ensembles[config.ensemble]
     return group_by_shape(specs, max_pad_ratio=float("inf"))[0]
+
+
+def load_models(workdir: str | pathlib.Path) -> dict:
+    """``{model name: params}`` of a finished experts run (unpadded, numpy)."""
+    path = pathlib.Path(workdir) / PARAMS_FILE
+    if not path.exists():
+        raise ValueError(f"run.init_from={str(workdir)!r} holds no {PARAMS_FILE}: name the "
+                         "workdir of a finished run.ensemble='seed' run")
+    return serialization.msgpack_restore(path.read_bytes())
 
 
 def train(config: ExpertsConfig, dist_settings: ml_collections.ConfigDict,
@@ -177,14 +265,17 @@ class _ExpertTrainer:
             raise ValueError("a replacement cannot join an experts run: a lost expert has no "
                              "live copy to start from (run with dist.join_check_every=0)")
         self.config, self.group = config, group
-        self.corpus, vocab_size = load_corpus(config)
+        self.started = time.perf_counter()
+        self.corpus, vocab_size, _ = load_corpus(config)
         self.experts = ensemble_specs(config, vocab_size)
         self.specs = self.experts.specs
+        self.seeds = self._seed_models(config.init_from)
         self.model = StagedLlama(self.experts.config, n_stages=1)
         self.tx = adam_direction()
         self.schedule = cosine_lr(config.lr, warmup_steps=config.warmup_steps)
         self.streams = {}
-        self.eval_sets = _eval_sets(self.corpus, None, config.eval_rows, config.batch_size)
+        self.eval_sets = _eval_sets(self.corpus, config.training_domains, config.eval_rows,
+                                    config.batch_size)
         self.record = records.RunRecord(workdir) if group.is_leader else None
         if self.record is not None:
             self.record.write_config(group.config_json)
@@ -202,8 +293,22 @@ class _ExpertTrainer:
                                       donate=False)  # a failed step must leave its input
         return step, make_expert_eval(self.model, mesh), gather
 
+    def _seed_models(self, init_from: str) -> dict | None:
+        """``{d_ff: params}`` of the seed run to branch from (``None``: no ``init_from``)."""
+        if not init_from:
+            return None
+        models = load_models(init_from)
+        stored = json.loads((pathlib.Path(init_from) / "result.json").read_text())["experts"]
+        seeds = {stored[name]["d_ff"]: params for name, params in models.items()}
+        missing = sorted({s.d_ff for s in self.specs} - set(seeds))
+        if missing:
+            raise ValueError(f"run.init_from={init_from!r} has no seed model of d_ff {missing} "
+                             f"(it has {sorted(seeds)})")
+        return seeds
+
     def _initial_state(self, layout: _Layout) -> ExpertState:
-        params = group_params(self.experts, key=jax.random.key(self.config.seed))
+        params = group_params(self.experts, key=jax.random.key(self.config.seed),
+                              seeds=self.seeds)
         full = init_expert_state(params, self.tx, total_steps=[s.steps for s in self.specs],
                                  d_ff=[s.d_ff for s in self.specs])
         mine = layout.local(self.group.process_id)
@@ -254,11 +359,11 @@ class _ExpertTrainer:
                     seconds = time.perf_counter() - began
                     evaluation = (self._evaluate(programs, layout, new_state)
                                   if step + 1 in self._eval_steps(layout) else None)
-            except (ProcessFailureError, jax.errors.JaxRuntimeError):
+            except (ProcessFailureError, jax.errors.JaxRuntimeError) as failure:
                 if not group.distributed:
                     raise
                 layout, programs, expert_state = self._shrink(layout, expert_state, step,
-                                                              began)
+                                                              began, failure)
                 rows = None
                 for e in layout.local(group.process_id):  # re-read this step's rows
                     spec = self.specs[e]
@@ -271,7 +376,7 @@ class _ExpertTrainer:
                 self._record_eval(step, evaluation)
             bar.update(1)
         bar.close()
-        return self._finish(layout)
+        return self._finish(layout, expert_state)
 
     def _devices(self) -> list:
         """The group's devices; alone, as many of this process's as divide the experts."""
@@ -316,13 +421,13 @@ class _ExpertTrainer:
                                               "loss": _mean_loss(self._domain_losses(losses))})
 
     def _domain_losses(self, losses: dict) -> dict:
-        """Each training domain scored by its own expert, or by the best survivor if lost."""
+        """Each training domain scored by the best live model trained on it, or by the best
+        survivor if every such model is lost."""
         out = {}
-        for spec in self.specs:
-            for d in spec.domains:
-                scorer = (spec.name if spec.name in losses
-                          else min(losses, key=lambda n: losses[n][d]))
-                out[d] = {"expert": scorer, "loss": losses[scorer][d]}
+        for d in self.config.training_domains:
+            own = [s.name for s in self.specs if d in s.domains and s.name in losses]
+            scorer = min(own or losses, key=lambda n: losses[n][d])
+            out[d] = {"expert": scorer, "loss": losses[scorer][d]}
         return out
 
     def _flops(self, specs, steps=None) -> int:
@@ -332,12 +437,13 @@ class _ExpertTrainer:
         return sum(expert_compute(dataclasses.replace(s, steps=t), tokens) if t else 0
                    for s, t in zip(specs, steps, strict=True))
 
-    def _shrink(self, layout: _Layout, expert_state, step: int, began: float):
+    def _shrink(self, layout: _Layout, expert_state, step: int, began: float, failure):
         host = state.to_host(expert_state)  # this process's experts, before the failed step
         lost_processes = self.group.shrink()
         detected = time.perf_counter() - began
         if not lost_processes:
-            raise RuntimeError(f"step {step + 1} failed but every process is alive")
+            raise RuntimeError(f"step {step + 1} failed but every process is alive: "
+                               f"{failure}") from failure
         k = layout.per_device
         kept = [e for i, e in enumerate(layout.experts) if layout.devices[i // k]
                 in self.group.devices]
@@ -357,7 +463,28 @@ class _ExpertTrainer:
                    devices=len(layout.devices))
         return layout, programs, expert_state
 
-    def _finish(self, layout: _Layout) -> dict | None:
+    def _save_and_score(self, layout: _Layout, expert_state) -> dict:
+        """Writes the live models to :data:`PARAMS_FILE` and scores every domain on its test
+        rows (process 0; the gather runs on every process)."""
+        gather = self._programs(layout)[2]
+        params_E = jax.tree.map(lambda x: np.asarray(gather(x).addressable_data(0)),
+                                expert_state.params)
+        if self.record is None:
+            return {}
+        names = [self.specs[e].name for e in layout.experts]
+        models = {n: unpad_d_ff(jax.tree.map(lambda x, i=i: x[i], params_E), self.specs[e].d_ff)
+                  for i, (n, e) in enumerate(zip(names, layout.experts, strict=True))}
+        records.write_atomically(self.workdir / PARAMS_FILE,
+                                 serialization.msgpack_serialize(models))
+        c = self.config
+        return mixture.score_domains(
+            self.experts.config, params_E, names, self.corpus,
+            c.training_domains + tuple(c.held_out), test_rows=c.test_rows,
+            prior_rows=c.prior_rows, prior_decay=c.prior_decay,
+            mixtures=c.ensemble in ENSEMBLE_NAMES and len(names) > 1)
+
+    def _finish(self, layout: _Layout, expert_state) -> dict | None:
+        test = self._save_and_score(layout, expert_state)
         if self.record is None:
             return None
         val = [r for r in records.read_jsonl(self.record.metrics_path) if r["split"] == "val"]
@@ -380,8 +507,9 @@ class _ExpertTrainer:
         domain_loss = self._domain_losses(final)
         result = dict(config=dataclasses.asdict(self.config),
                       processes=len({d.process_index for d in layout.devices}),
-                      experts=experts, budget=budget, domain_val_loss=domain_loss,
-                      val_loss=_mean_loss(domain_loss),
+                      padded_d_ff=self.experts.config.d_ff, experts=experts, budget=budget,
+                      domain_val_loss=domain_loss, val_loss=_mean_loss(domain_loss), test=test,
+                      wall_seconds=time.perf_counter() - self.started,
                       eval_steps=[r["step"] for r in val],
                       val_loss_curve=[r["loss"] for r in val])
         records.write_atomically(self.workdir / "result.json", json.dumps(result))

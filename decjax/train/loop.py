@@ -8,6 +8,7 @@ data position) and reproduces the metrics of an uninterrupted run exactly.
 """
 
 import dataclasses
+import json
 import pathlib
 import time
 from collections.abc import Callable
@@ -157,7 +158,7 @@ def train_and_evaluate(
         model_step += 1
         if config.sim.straggler_sigma:  # a fresh, seeded straggler draw every step
             iteration = method.iteration(seed=config.sim.failure_seed * 1_000_003 + step)
-        clock.advance("iteration", iteration.seconds)
+        clock.advance("iteration", method.step_seconds(step - 1, iteration))
         for kind, seconds in method.after_step(
                 step, state, {"iterator": batches.get_state()}).items():
             clock.advance(kind, seconds)
@@ -204,6 +205,23 @@ def train_and_evaluate(
               "(raise train.steps to train on)")
     print(format_summary(summary, metrics_log))
     return summary
+
+
+def restore_run(workdir: str | pathlib.Path):
+    """``(config, model, data, params)`` of the run in ``workdir``: its stored config, its data,
+    and the parameters of its latest checkpoint (e.g. to evaluate a finished run)."""
+    workdir = pathlib.Path(workdir)
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    data = load_data(config.data, seq_len=config.model.seq_len, cache_dir=workdir / "cache")
+    model, tx = make_model(config, data.vocab_size), make_optimizer(config)
+    ckpt = Checkpointer(workdir, max_to_keep=config.ckpt.keep)
+    step = ckpt.latest_step()
+    if step is None:
+        raise ValueError(f"{workdir} holds no checkpoint to restore")
+    state, _ = ckpt.restore(step, abstract_state(model, tx),
+                            checkpoint_meta(model, data.tokenizer.name))
+    ckpt.close()
+    return config, model, data, state.params
 
 
 def _median_speed(speeds: list[float], metrics_log: list[dict]) -> float:

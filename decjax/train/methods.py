@@ -57,6 +57,8 @@ def default_method_config() -> ml_collections.ConfigDict:
         gcma_evaluations=2000,  # skippipe: partitions the node allocation scores
         plan_evaluations=4000,  # skippipe: simulated candidates per planned schedule
         plan_budget_s=3.0,  # skippipe: planner seconds per schedule (evaluations may end first)
+        plans_file="",  # skippipe: stored rotating plans (decjax.skippipe.save_rotations); "": plan
+        skip_until=1.0,  # skippipe: share of the iterations on skip schedules, full ones after
     ))
 
 
@@ -78,6 +80,7 @@ def validate_method_config(c: ml_collections.ConfigDict, failures: str, n_stages
     for field in ("gcma_evaluations", "plan_evaluations"):
         require(isinstance(c[field], int) and c[field] >= 1, field, "an integer >= 1")
     require(c.plan_budget_s > 0, "plan_budget_s", "a number > 0")
+    require(0.0 < c.skip_until <= 1.0, "skip_until", "in (0, 1]")
     require(c.name != "skippipe" or failures == "none", "name",
             "a method without failure handling: skippipe needs sim.failures='none'")
     require(c.name != "none" or failures == "none", "name",
@@ -135,6 +138,10 @@ class Method:
 
     def iteration(self, seed: int) -> sim.Estimate:
         return self.world.iteration(seed=seed)
+
+    def step_seconds(self, step: int, iteration: sim.Estimate) -> float:
+        """Simulated seconds of 0-based ``step``, given the run's current ``iteration``."""
+        return iteration.seconds
 
     def eligible_stages(self) -> np.ndarray:
         return np.arange(self.model.n_stages)
@@ -300,10 +307,11 @@ class SkipPipe(Method):
     body stages (and may swap adjacent ones) along paths planned on the SkipPipe reference
     network: io on 5 nodes, 3 nodes per body stage, a GCMA-style node allocation over the GCP
     12-region table, the reference's 500M costs (:func:`decjax.skippipe.reference_instance`).
-    Iterations cycle over rotating planned schedules (each body stage visited equally often);
-    gradients are normalised by each stage's visitors; the clock charges the schedules' mean
-    simulated makespan. ``skip_ratio=0`` trains full pipelines on the allocation's aligned
-    pipelines (the DT-FM baseline). No failures."""
+    Iterations cycle over rotating planned schedules (each body stage visited equally often),
+    planned here or read from ``plans_file``; gradients are normalised by each stage's
+    visitors; the clock charges the schedules' mean simulated makespan. ``skip_ratio=0`` trains
+    full pipelines on the allocation's aligned pipelines (the DT-FM baseline), as does every
+    iteration from ``skip_until`` of the run on. No failures."""
 
     name = "skippipe"
 
@@ -315,35 +323,70 @@ class SkipPipe(Method):
         n_microbatches = self.config.train.microbatches
         partition = (5,) + (3,) * n_stages
         _, placement, cost, nbytes = skippipe.reference_instance(partition)
+        # The allocation belongs to the deployment, not to the training seed: seed 0 for all.
         allocation = skippipe.gcma_allocation(
-            placement, partition, cost, activation_bytes=nbytes, seed=self.config.seed,
+            placement, partition, cost, activation_bytes=nbytes, seed=0,
             max_evaluations=c.gcma_evaluations, time_budget_s=600.0)
+        full = skippipe.aligned_pipeline_schedule(allocation.allocation, allocation.pipelines,
+                                                  n_microbatches)
         if c.skip_ratio == 0:
-            schedules = [skippipe.aligned_pipeline_schedule(
-                allocation.allocation, allocation.pipelines, n_microbatches)]
+            schedules = [full]
+        elif c.plans_file:
+            schedules = self._stored_plans(c, allocation.allocation)
         else:
             schedules = skippipe.rotating_plans(
                 allocation.allocation, placement, cost, n_microbatches=n_microbatches,
                 skip_ratio=c.skip_ratio, activation_bytes=nbytes, max_swaps=c.max_swaps,
                 max_evaluations=c.plan_evaluations, time_budget_s=c.plan_budget_s)
+        for s in schedules:
+            skippipe.validate(s, n_stages=n_stages, skip_ratio=c.skip_ratio,
+                              max_swaps=c.max_swaps)
         self._routes = [s.route(width=n_stages) for s in schedules]
+        self._full_route = full.route(width=n_stages)
         self._seconds = [skippipe.makespan(s, placement, cost, activation_bytes=nbytes).seconds
                          for s in schedules]
+        self._full_seconds = skippipe.makespan(full, placement, cost,
+                                               activation_bytes=nbytes).seconds
+        steps = self.config.train.steps
+        self._skip_steps = round(c.skip_until * steps) if c.skip_ratio else 0
         self._train_step = skippipe.make_skippipe_train_step
 
+    def _stored_plans(self, c, allocation) -> list:
+        from decjax import skippipe
+
+        _, rotations = skippipe.load_rotations(c.plans_file)
+        key = skippipe.rotation_key(c.skip_ratio, c.max_swaps)
+        if key not in rotations:
+            raise ValueError(f"method.plans_file={c.plans_file!r} holds no plans for {key} "
+                             f"(it holds: {'; '.join(rotations) or 'none'})")
+        plans = rotations[key]["plans"]
+        if not all(np.array_equal(p.node_stage, allocation) for p in plans):
+            raise ValueError(f"method.plans_file={c.plans_file!r}: its {key} plans are for "
+                             "another node allocation (method.gcma_evaluations differs?)")
+        return plans
+
     def route(self, step):
+        if step >= self._skip_steps:
+            return self._full_route
         return self._routes[step % len(self._routes)]
 
     def iteration(self, seed):
         seconds = float(np.mean(self._seconds))
         return sim.Estimate(seconds, 0.0, {"makespan": seconds})
 
+    def step_seconds(self, step, iteration):
+        return iteration.seconds if step < self._skip_steps else self._full_seconds
+
     def train_step(self):
         return self._train_step(self.model, self.tx)
 
     def describe(self):
+        from decjax.skippipe import routes_digest
+
         return {"method": self.name, "skip_ratio": self.config.method.skip_ratio,
-                "schedules": len(self._routes), "makespans": self._seconds}
+                "schedules": len(self._routes), "makespans": self._seconds,
+                "full_pipeline_makespan": self._full_seconds, "skip_steps": self._skip_steps,
+                "routes_digest": routes_digest(self._routes)}
 
 
 class CheckFreePlus(CheckFree):

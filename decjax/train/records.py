@@ -21,10 +21,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 RESULTS_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
 
 
-def write_atomically(path: pathlib.Path, text: str) -> None:
-    """Writes ``text`` to ``path`` so that a crash leaves the old file or the new one, whole."""
+def write_atomically(path: pathlib.Path, text: str | bytes) -> None:
+    """Writes ``text`` (or bytes) to ``path`` so that a crash leaves the old file or the new
+    one, whole."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    if isinstance(text, bytes):
+        tmp.write_bytes(text)
+    else:
+        tmp.write_text(text)
     os.replace(tmp, path)
 
 

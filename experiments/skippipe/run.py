@@ -13,60 +13,60 @@ Three parts, each writing its table as soon as it is done:
    a rotation of planned schedules with fixed stage sets (the schedules trained on in part 2,
    planned once and stored in ``results/rotations.json``). Makespans come from the event
    simulator.
-2. **Training (measured losses, simulated clock).** A small staged Llama (io + 5 body stages
-   of one block each, byte vocabulary, Python standard library) trained for the same number of
-   iterations along the full route (0 % skip) and along the rotating planned schedules of
-   part 1 (25 %, 33 %, each also planned without adjacent swaps; and 33 % for half the run,
-   then full pipelines). The clock multiplies iterations by the simulated makespan of the
-   schedules on the 20-node reference instance.
-3. **Omitted stages.** Every trained model evaluated with 100 %, 75 % and 50 % of its stages.
+2. **Training (measured losses, simulated clock).** A sweep over ``configs/skippipe.py``
+   (every run a ``python -m decjax.train`` config run): a small staged Llama (io + 5 body
+   stages of one block each, byte vocabulary, Python standard library) trained for the same
+   number of iterations along full pipelines (0 % skip) and along the rotating planned
+   schedules of part 1, read from ``rotations.json`` (25 %, 33 %, each also planned without
+   adjacent swaps; and 33 % for half the run, then full pipelines). The run's simulated
+   clock charges each iteration the makespan of its schedule on the 20-node reference
+   instance; the tables check it against part 1's makespans.
+3. **Omitted stages.** Every trained model evaluated with 100 %, 75 % and 50 % of its stages
+   (from its final checkpoint; stored next to the run as ``omitted.json``).
 
-Finished training runs are reused (``results/runs/<run>/result.json``, keyed by config, which
-holds a digest of the run's routes), so an interrupted grid resumes where it stopped;
-``--variants`` / ``--seeds`` train a subset (e.g. in parallel processes, started once
-``rotations.json`` exists), and a later run without them reuses those runs and writes the
-tables.
+Finished training runs are reused (``results/runs/<run>/``, when their stored config is
+unchanged; a run trained on other schedules than ``rotations.json`` holds stops the grid), so
+an interrupted grid resumes where it stopped; ``--variants`` / ``--seeds`` train a subset (e.g.
+in parallel processes, started once ``rotations.json`` exists), and a later run without them
+reuses those runs and writes the tables.
 """
 
-import hashlib
 import json
 import pathlib
+import sys
 import time
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
-import optax
-from absl import app, flags
+from absl import app, flags, logging
 
-from decjax.data import (
-    default_cache_dir,
-    default_data_config,
-    eval_batches,
-    load_data,
-    train_iterator,
-)
-from decjax.models import LlamaConfig, StagedLlama
-from decjax.optim import stage_adamw
-from decjax.skippipe import (
-    Schedule,
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from configs import skippipe as skippipe_config  # noqa: E402
+from decjax.data import default_cache_dir, eval_batches, eval_domain_ids, load_data  # noqa: E402
+from decjax.skippipe import (  # noqa: E402
     aligned_pipeline_schedule,
     eval_with_omitted_stages,
     full_pipeline_schedule,
     gcma_allocation,
-    make_skippipe_train_step,
+    load_rotations,
     makespan,
     plan,
     reference_instance,
     rotating_plans,
+    rotation_key,
     round_robin_schedule,
+    routes_digest,
+    save_rotations,
     stage_major_allocation,
     validate,
 )
-from decjax.train import init_state, make_eval_step
-from decjax.train.records import replace_results_block, write_atomically
+from decjax.train import restore_run  # noqa: E402
+from decjax.train.records import read_jsonl, replace_results_block, write_atomically  # noqa: E402
+from decjax.train.sweep import sweep  # noqa: E402
 
 plt.switch_backend("Agg")  # files only
 FLAGS = flags.FLAGS
@@ -78,7 +78,9 @@ flags.DEFINE_list("variants", [], "Train only these variants (ids of VARIANTS); 
 flags.DEFINE_list("seeds", [], "Train only these seeds; no tables.")
 
 SKIPS = (0.25, 1 / 3)
-MICROBATCHES = 30
+# The proxy that is trained (configs/skippipe.py): io (embedding + head) + 5 body stages.
+PROXY = skippipe_config.get_config()
+MICROBATCHES, N_STAGES = PROXY.train.microbatches, PROXY.model.n_stages
 INSTANCES = {"20 nodes (reference)": (5, 3, 3, 3, 3, 3), "18 nodes": (3, 3, 3, 3, 3, 3)}
 GRIDS = {
     "full": dict(instances=tuple(INSTANCES), studies=("pystdlib", "synthetic", "deep"),
@@ -89,10 +91,8 @@ GRIDS = {
                   steps=6, evaluations=40, gcma_evaluations=100,
                   budget_s=0.5, rotation_budget_s=0.3, eval_every=3, eval_batches=2),
 }
-# The proxy that is trained: io (embedding + head) + 5 body stages of one block each.
-PROXY = dict(d_model=64, n_heads=4, n_stages=5, d_ff=256, seq_len=64, rows_per_microbatch=2,
-             lr=3e-3, warmup=20, eval_batch_size=32, max_bytes_per_domain=400_000)
 KEEP = (1.0, 0.75, 0.5)
+OMITTED_BATCH = 32  # validation rows per batch of the omitted-stage evaluation
 
 
 class Variant(NamedTuple):
@@ -199,7 +199,7 @@ def iteration_times(grid: dict, stored: pathlib.Path) -> tuple[dict, dict]:
                 s = plan(alloc, place, cost, **args, collision_aware=aware, **search)
                 cell[label] = (seconds(s), time.perf_counter() - start)
             for max_swaps in [m for k, m in ROTATIONS if k == skip and name == reference]:
-                key = _rotation_key(skip, max_swaps)
+                key = rotation_key(skip, max_swaps)
                 if key not in rotations or not np.array_equal(
                         rotations[key]["plans"][0].node_stage, alloc):
                     start = time.perf_counter()
@@ -209,7 +209,7 @@ def iteration_times(grid: dict, stored: pathlib.Path) -> tuple[dict, dict]:
                                            time_budget_s=grid["rotation_budget_s"])
                     rotations[key] = {"plans": plans,
                                       "wall": (time.perf_counter() - start) / len(plans)}
-                    _save_rotations(stored, grid, rotations)
+                    save_rotations(stored, rotations, _planner_settings(grid))
                 plans = rotations[key]["plans"]
                 secs = [seconds(p, max_swaps=max_swaps) for p in plans]
                 rotations[key]["seconds"] = secs
@@ -221,29 +221,12 @@ def iteration_times(grid: dict, stored: pathlib.Path) -> tuple[dict, dict]:
     return rows, rotations
 
 
-def _rotation_key(skip: float, max_swaps: int) -> str:
-    return f"skip {skip:.4f}, max_swaps {max_swaps}"
-
-
 def _load_rotations(path: pathlib.Path, grid: dict) -> dict:
     """Stored rotations planned with this grid's planner settings, else none."""
     if not path.exists():
         return {}
-    stored = json.loads(path.read_text())
-    if stored["planner"] != _planner_settings(grid):
-        return {}
-    return {key: {"plans": [Schedule(**p) for p in cell["plans"]], "wall": cell["wall"]}
-            for key, cell in stored["rotations"].items()}
-
-
-def _save_rotations(path: pathlib.Path, grid: dict, rotations: dict) -> None:
-    fields = ("node_stage", "io_node", "stages", "nodes")
-    write_atomically(path, json.dumps({
-        "planner": _planner_settings(grid),
-        "rotations": {key: {"wall": cell["wall"],
-                            "plans": [{f: getattr(p, f).tolist() for f in fields}
-                                      for p in cell["plans"]]}
-                      for key, cell in rotations.items()}}))
+    planner, rotations = load_rotations(path)
+    return rotations if planner == _planner_settings(grid) else {}
 
 
 def _planner_settings(grid: dict) -> dict:
@@ -276,86 +259,34 @@ def iteration_table(rows: dict, grid: dict) -> str:
 # -- part 2: training --------------------------------------------------------------------------
 
 
-def data_config(dataset: str):
-    """``pystdlib``: Python source, far from converged in 800 iterations; ``synthetic``: Markov
-    domains of known entropy rate that the proxy nearly reaches (training to convergence)."""
-    config = default_data_config()
-    config.max_bytes_per_domain = PROXY["max_bytes_per_domain"]
-    if dataset == "synthetic":
-        config.source = "synthetic"
-    return config
+def run_configs(study_name: str, grid: dict, steps: int, plans_file: pathlib.Path,
+                prefix: str) -> dict:
+    """``{run name: (variant, seed, config)}``: one ``configs/skippipe.py`` config per variant
+    and seed of a study, all reading their schedules from ``plans_file``."""
+    study, runs = STUDIES[study_name], {}
+    tag = "" if study_name == "pystdlib" else f"{study_name}-"
+    for name in [v for v in FLAGS.variants or VARIANTS if v in study.variants]:
+        variant = VARIANTS[name]
+        for seed in [int(s) for s in FLAGS.seeds] or grid["seeds"]:
+            config = skippipe_config.get_config(
+                f"skip={variant.skip},swaps={variant.max_swaps},until={variant.skip_until},"
+                f"layers={study.layers_per_stage},seed={seed},steps={steps},"
+                f"dataset={study.dataset}")
+            config.train.update(eval_every=grid["eval_every"], eval_batches=grid["eval_batches"])
+            config.method.update(plans_file=str(plans_file),
+                                 gcma_evaluations=grid["gcma_evaluations"])
+            runs[f"{prefix}{tag}{name}-seed{seed}-steps{steps}"] = (name, seed, config)
+    return runs
 
 
-def entropy_floor(data) -> float:
-    """Token-weighted mean entropy rate of the validation rows' domains (nats per byte)."""
-    counts = np.bincount(data.val_domain_ids, minlength=len(data.domains))
+def entropy_floor(data, grid: dict) -> float:
+    """Token-weighted mean entropy rate of the evaluated validation rows' domains (nats per
+    byte): the rows the runs are scored on, whose domain mix is not the whole split's."""
+    ids = np.concatenate(eval_domain_ids(data, batch_size=PROXY.train.batch_size,
+                                         num_batches=grid["eval_batches"]))
+    counts = np.bincount(ids, minlength=len(data.domains))
     rates = np.array([data.entropy_rate[d] for d in data.domains])
     return float(counts @ rates / counts.sum())
-
-
-def make_model(vocab_size: int, layers_per_stage: int = 1) -> StagedLlama:
-    cfg = LlamaConfig(vocab_size=vocab_size, d_model=PROXY["d_model"], n_heads=PROXY["n_heads"],
-                      n_layers=PROXY["n_stages"] * layers_per_stage, d_ff=PROXY["d_ff"])
-    return StagedLlama(cfg, PROXY["n_stages"], skip_by_branching=True)
-
-
-class Trainer:
-    """One model, optimizer and jitted step shared by every run (every route has one shape)."""
-
-    def __init__(self, data, steps: int, layers_per_stage: int = 1):
-        self.data, self.steps = data, steps
-        self.model = make_model(data.tokenizer.vocab_size, layers_per_stage)
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0, PROXY["lr"], min(PROXY["warmup"], max(1, steps // 5)), steps, PROXY["lr"] / 10)
-        self.tx = stage_adamw(schedule)
-        self.step = jax.jit(make_skippipe_train_step(self.model, self.tx))
-        eval_step = jax.jit(make_eval_step(self.model))
-        route = jnp.asarray(np.arange(PROXY["n_stages"], dtype=np.int32)[None])
-
-        def evaluate(params, batches):
-            sums = np.zeros(2)
-            for rows in batches:
-                sums += np.asarray(jax.device_get(eval_step(params, jnp.asarray(rows), route)))
-            return float(sums[0] / sums[1])
-
-        self.evaluate = evaluate
-
-    def train(self, routes: list, seed: int, grid: dict):
-        batch = MICROBATCHES * PROXY["rows_per_microbatch"]
-        batches = train_iterator(self.data, batch_size=batch, seed=seed)
-        val = eval_batches(self.data, batch_size=PROXY["eval_batch_size"],
-                           num_batches=grid["eval_batches"])
-        state = init_state(self.model, self.tx, jax.random.key(seed))
-        routes = [jnp.asarray(r) for r in routes]
-        steps_done, val_loss, train_loss = [0], [self.evaluate(state.params, val)], []
-        start = time.perf_counter()
-        for t in range(1, self.steps + 1):
-            state, metrics = self.step(state, jnp.asarray(next(batches)),
-                                       routes[(t - 1) % len(routes)])
-            if t % grid["eval_every"] == 0 or t == self.steps:
-                train_loss.append(float(metrics["loss"]))
-                steps_done.append(t)
-                val_loss.append(self.evaluate(state.params, val))
-        wall = time.perf_counter() - start
-        omitted = eval_with_omitted_stages(self.model, state.params, val, keep=KEEP)
-        return {"steps": steps_done, "val_loss": val_loss, "train_loss": train_loss,
-                "wall_seconds": wall,
-                "omitted": {str(k): {"loss": v["loss"], "perplexity": v["perplexity"],
-                                     "kept_stages": list(v["kept_stages"][0])}
-                            for k, v in omitted.items()}}
-
-
-def training_routes(variant: Variant, rotations: dict, steps: int) -> list:
-    """The routes of iterations 1, 2, ..., cycled."""
-    full = np.tile(np.arange(PROXY["n_stages"], dtype=np.int32), (MICROBATCHES, 1))
-    if variant.skip == 0.0:
-        return [full]
-    plans = rotations[_rotation_key(variant.skip, variant.max_swaps)]["plans"]
-    cycle = [p.route(width=PROXY["n_stages"]) for p in plans]
-    if variant.skip_until == 1.0:
-        return cycle
-    until = skip_iterations(variant, steps)
-    return [cycle[t % len(cycle)] for t in range(until)] + [full] * (steps - until)
 
 
 def skip_iterations(variant: Variant, steps: int) -> int:
@@ -370,55 +301,49 @@ def sim_seconds(name: str, iterations, clock: dict, steps: int):
     return skipping * clock[name] + (done - skipping) * clock["skip0"]
 
 
-def routes_digest(routes: list) -> str:
-    """Short fingerprint of the routes a run cycles through."""
-    return hashlib.sha256(np.stack(routes).astype(np.int32).tobytes()).hexdigest()[:16]
-
-
-def run_one(workdir: pathlib.Path, config: dict, trainer: Trainer, routes: list, grid: dict):
-    """Trains, or reuses the finished run with the same config (routes digest included)."""
-    path = workdir / "result.json"
-    if path.exists():
-        stored = json.loads(path.read_text())
-        if stored["config"] == config:
-            return stored
-        print(f"{workdir.name}: config changed, retraining", flush=True)
-    result = {"config": config, **trainer.train(routes, config["seed"], grid)}
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, json.dumps(result))
-    print(f"done {workdir.name}: val {result['val_loss'][-1]:.3f}, "
-          f"{result['wall_seconds']:.0f} s", flush=True)
-    return result
+def load_run(workdir: pathlib.Path, name: str, rotations: dict, clock: dict, grid: dict) -> dict:
+    """A finished run's validation curve, checked against this grid's schedules and clock, and
+    its omitted-stage evaluation (computed once from the final checkpoint, then stored)."""
+    val = [r for r in read_jsonl(workdir / "metrics.jsonl") if r["split"] == "val"]
+    start = next(e for e in read_jsonl(workdir / "events.jsonl") if e["event"] == "start")
+    variant = VARIANTS[name]
+    if variant.skip:
+        plans = rotations[rotation_key(variant.skip, variant.max_swaps)]["plans"]
+        if start["routes_digest"] != routes_digest([p.route(width=N_STAGES) for p in plans]):
+            raise SystemExit(f"error: {workdir} was trained on other schedules than "
+                             "rotations.json holds: delete the run or choose another --out")
+    steps = [r["step"] for r in val]
+    expected = sim_seconds(name, steps, clock, steps[-1])
+    recorded = [r["sim_seconds"] for r in val]
+    if not np.allclose(recorded, expected, rtol=1e-6):  # the loop's clock is the table's
+        raise SystemExit(f"error: {workdir}: simulated clock {recorded[-1]:.1f} s, the tables "
+                         f"price it at {expected[-1]:.1f} s")
+    path = workdir / "omitted.json"
+    if not path.exists():
+        _, model, data, params = restore_run(workdir)
+        rows = eval_batches(data, batch_size=OMITTED_BATCH, num_batches=grid["eval_batches"])
+        omitted = eval_with_omitted_stages(model, params, rows, keep=KEEP)
+        write_atomically(path, json.dumps({
+            str(k): {"loss": v["loss"], "perplexity": v["perplexity"],
+                     "kept_stages": list(v["kept_stages"][0])} for k, v in omitted.items()}))
+    return {"steps": steps, "val_loss": [r["loss"] for r in val], "sim_seconds": recorded,
+            "wall_seconds": val[-1]["wall_seconds"], "omitted": json.loads(path.read_text())}
 
 
 def iteration_seconds(variant: Variant, rows: dict, rotations: dict, instance: str) -> float:
     """Mean simulated seconds per iteration of a variant's schedules."""
     if variant.skip == 0.0:
         return rows[(instance, SKIPS[0])]["full pipelines"][0]
-    return float(np.mean(rotations[_rotation_key(variant.skip, variant.max_swaps)]["seconds"]))
+    return float(np.mean(rotations[rotation_key(variant.skip, variant.max_swaps)]["seconds"]))
 
 
-def train_runs(study_name: str, trainer: Trainer, rotations: dict, grid: dict, steps: int,
+def train_runs(study_name: str, rotations: dict, clock: dict, grid: dict, steps: int,
                out: pathlib.Path, prefix: str) -> dict:
-    """Every (variant, seed) run of one study, trained or reused."""
-    runs, study = {}, STUDIES[study_name]
-    # The first study's runs keep their original names and configs, so stored runs stay
-    # reusable; the others add only what differs.
-    tag = "" if study_name == "pystdlib" else f"{study_name}-"
-    extra = ({"data": study.dataset} if study.dataset != "pystdlib" else {}) | (
-        {"layers_per_stage": study.layers_per_stage} if study.layers_per_stage != 1 else {})
-    for name in [v for v in FLAGS.variants or VARIANTS if v in study.variants]:
-        for seed in [int(s) for s in FLAGS.seeds] or grid["seeds"]:
-            variant = VARIANTS[name]
-            routes = training_routes(variant, rotations, steps)
-            anneal = {"skip_until": variant.skip_until} if variant.skip_until < 1 else {}
-            config = dict(skip=variant.skip, max_swaps=variant.max_swaps, seed=seed,
-                          steps=steps, grid=FLAGS.grid, **PROXY, eval_every=grid["eval_every"],
-                          eval_batches=grid["eval_batches"], **extra, **anneal,
-                          routes=routes_digest(routes))
-            workdir = out / "runs" / f"{prefix}{tag}{name}-seed{seed}-steps{steps}"
-            runs[(name, seed)] = run_one(workdir, config, trainer, routes, grid)
-    return runs
+    """Every (variant, seed) run of one study, trained or reused (:func:`sweep`)."""
+    configs = run_configs(study_name, grid, steps, out / f"{prefix}rotations.json", prefix)
+    workdirs = sweep({run: config for run, (_, _, config) in configs.items()}, out / "runs")
+    return {(name, seed): load_run(workdirs[run], name, rotations, clock, grid)
+            for run, (name, seed, _) in configs.items()}
 
 
 def _mean_std(values, digits=3) -> str:
@@ -478,10 +403,10 @@ def training_table(runs: dict, grid: dict, steps: int, clock: dict,
 def training_intro(grid: dict, steps: int) -> str:
     return (
         f"{steps} iterations per run, {MICROBATCHES} microbatches of "
-        f"{PROXY['rows_per_microbatch']} x {PROXY['seq_len']} bytes; seeds "
+        f"{PROXY.train.batch_size // MICROBATCHES} x {PROXY.model.seq_len} bytes; seeds "
         f"{', '.join(map(str, grid['seeds']))} (mean ± std). **Measured**: validation loss "
         "(nats per byte) of the full model (full route) on "
-        f"{grid['eval_batches'] * PROXY['eval_batch_size']} fixed validation rows. **Simulated**:"
+        f"{grid['eval_batches'] * PROXY.train.batch_size} fixed validation rows. **Simulated**:"
         " hours = iterations x the simulated makespan of the run's schedules on the 20-node "
         "reference instance with its GCMA-style allocation (full pipelines on the aligned "
         "pipelines for 0 %, the mean of the rotating planned schedules otherwise; a run that "
@@ -553,6 +478,7 @@ def plot_training(runs: dict, grid: dict, clock: dict, floors: dict,
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # no per-checkpoint log lines
     jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "xla"))
     out = pathlib.Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -576,16 +502,12 @@ def main(argv):
     instance = grid["instances"][0]
     clock = {name: iteration_seconds(v, rows, rotations, instance)
              for name, v in VARIANTS.items()}
-    runs, floors, datasets = {}, {}, {}
+    runs, floors = {}, {}
     for name in grid["studies"]:
-        study = STUDIES[name]
-        if study.dataset not in datasets:
-            datasets[study.dataset] = load_data(data_config(study.dataset),
-                                                seq_len=PROXY["seq_len"])
-        data = datasets[study.dataset]
-        floors[name] = entropy_floor(data) if data.entropy_rate else None
-        runs[name] = train_runs(name, Trainer(data, steps, study.layers_per_stage), rotations,
-                                grid, steps, out, prefix)
+        runs[name] = train_runs(name, rotations, clock, grid, steps, out, prefix)
+        if STUDIES[name].dataset == "synthetic":
+            data = skippipe_config.get_config("dataset=synthetic").data
+            floors[name] = entropy_floor(load_data(data, seq_len=PROXY.model.seq_len), grid)
     if FLAGS.variants or FLAGS.seeds:
         print("trained a subset (--variants/--seeds); run without them to write the tables")
         return
@@ -599,7 +521,8 @@ def main(argv):
                 f"The same proxy, schedules and {steps} iterations on the four default "
                 "synthetic domains (Markov chains with known entropy rates, "
                 "`decjax.data.synthetic`), which the proxy nearly learns, so the runs end close "
-                "to convergence. Floor: the token-weighted entropy rate of the validation rows, "
+                "to convergence. Floor: the token-weighted entropy rate of the evaluated "
+                "validation rows, "
                 f"{floors['synthetic']:.3f} nats per byte (the best any model can do); columns "
                 "as in table 2.\n\n"
                 + training_table(runs["synthetic"], grid, steps, clock, floors["synthetic"]))
