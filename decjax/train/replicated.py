@@ -28,7 +28,9 @@ spread of the parameters.
 
 import dataclasses
 import functools
+import json
 import numbers
+import pathlib
 import time
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -374,3 +376,30 @@ def train(config: ReplicatedConfig, data: LMData | None = None) -> RunResult:
         train_loss=np.asarray(train_losses).tolist(),
         outer_steps=_outer_steps(replicas.opt_state),
         wall_seconds=time.perf_counter() - start, stage_failures=lost)
+
+
+def train_workdir(config, workdir: str | pathlib.Path, data: LMData | None = None) -> RunResult:
+    """Trains a ``trainer='replicated'`` config (``configs/replicated.py``) with :func:`train`:
+    every replica on this process, whatever its device count (the group trainer,
+    :mod:`decjax.train.distributed`, wants one device per replica). Writes the run record that
+    :func:`decjax.train.sweep.sweep` reuses: ``config.json``, ``metrics.jsonl`` (the validation
+    curve), ``events.jsonl`` (start, end) and ``result.json`` (a :class:`RunResult`); pass it
+    as ``sweep(..., train=functools.partial(train_workdir, data=data))``."""
+    from decjax.train import records
+    from decjax.train.distributed import run_config
+
+    run = run_config(config)
+    record = records.RunRecord(workdir)
+    record.write_config(config.to_json(sort_keys=True))
+    record.event(0, "start", trainer="replicated (vmapped, one process)",
+                 replicas=run.n_replicas, method=run.method)
+    result = train(run, data)
+    for step, mean, averaged, spread in zip(result.eval_steps, result.val_loss_mean,
+                                            result.val_loss_averaged, result.spread, strict=True):
+        record.metrics(step, "val", {"loss": mean, "loss_averaged": averaged, "spread": spread})
+    records.write_atomically(record.workdir / "result.json",
+                             json.dumps(dataclasses.asdict(result)))
+    record.event(run.steps, "end", val_loss=result.val_loss_mean[-1],
+                 wall_seconds=result.wall_seconds)
+    record.close()
+    return result

@@ -7,11 +7,15 @@ Every run trains a small proxy Llama for real (the losses) with the same global 
 over R replicas that each read their own data shard. The simulated clock prices the same
 number of steps for the NoLoCo paper's Small model (125M parameters, bf16 messages, 0.5M
 tokens per step) with one replica per node, placed round robin on the 12-region GCP table.
-Finished runs are reused, so an interrupted grid resumes where it stopped; the tables and plots
-are written only once every run of the grid has finished.
+The grid is a sweep over ``configs/replicated.py`` (:func:`decjax.train.sweep.sweep`), every
+run trained by the vmapped one-process trainer (:func:`decjax.train.replicated.train_workdir`)
+in ``results/runs/<run>/``. Finished runs with the same config are reused, so an interrupted
+grid resumes where it stopped, and a finished run of another config stops the grid instead of
+being overwritten; the tables and plots are written once every run of the grid has finished.
 """
 
 import dataclasses
+import functools
 import json
 import pathlib
 import sys
@@ -19,6 +23,7 @@ import sys
 import jax
 import numpy as np
 from absl import app, flags
+from ml_collections import ConfigDict
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -30,13 +35,8 @@ from decjax import sim  # noqa: E402
 from decjax.data import default_cache_dir  # noqa: E402
 from decjax.train.distributed import run_config  # noqa: E402
 from decjax.train.records import replace_results_block, write_atomically  # noqa: E402
-from decjax.train.replicated import (  # noqa: E402
-    NOLOCO,
-    ReplicatedConfig,
-    RunResult,
-    load_run_data,
-    train,
-)
+from decjax.train.replicated import NOLOCO, RunResult, load_run_data, train_workdir  # noqa: E402
+from decjax.train.sweep import sweep  # noqa: E402
 
 plt.switch_backend("Agg")  # files only
 FLAGS = flags.FLAGS
@@ -66,30 +66,13 @@ def sync_every(method: str, steps: int) -> int:
     return paper and max(1, round(paper * steps / 1000))
 
 
-def make_config(method: str, n_replicas: int, seed: int, steps: int) -> ReplicatedConfig:
+def make_config(method: str, n_replicas: int, seed: int, steps: int) -> ConfigDict:
     """``configs/replicated.py`` (warmup and evaluations scaled to the run's length) with the
     papers' H scaled likewise."""
     config = replicated_config.get_config(
         f"method={method},replicas={n_replicas},seed={seed},steps={steps}")
     config.run.update(sync_every=sync_every(method, steps), progress=True)
-    return run_config(config)
-
-
-def run_one(workdir: pathlib.Path, config: ReplicatedConfig, data) -> RunResult:
-    """Trains, or reuses the finished run with the same config."""
-    path = workdir / "result.json"
-    if path.exists():
-        stored = RunResult(**json.loads(path.read_text()))
-        if stored.config == dataclasses.asdict(config):
-            return stored
-        print(f"{workdir.name}: config changed, retraining", flush=True)
-    result = train(config, data)
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, json.dumps(dataclasses.asdict(result)))
-    print(f"done {workdir.name}: val {result.val_loss_mean[-1]:.3f} (replica mean), "
-          f"{result.val_loss_averaged[-1]:.3f} (averaged), {result.wall_seconds:.0f} s",
-          flush=True)
-    return result
+    return config
 
 
 # -- the simulated clock ----------------------------------------------------------------------
@@ -255,15 +238,15 @@ def main(argv):
     out.mkdir(parents=True, exist_ok=True)
     grid = GRIDS[FLAGS.grid]
     steps = FLAGS.steps or grid["steps"]
-    data = load_run_data(make_config("dp", 1, 0, steps))
+    data = load_run_data(run_config(make_config("dp", 1, 0, steps)))
+    cells = {f"{method}-R{n}-seed{seed}-steps{steps}": (method, n, seed)
+             for n in grid["replicas"] for seed in grid["seeds"] for method in METHODS}
+    workdirs = sweep({name: make_config(*cell, steps) for name, cell in cells.items()},
+                     out / "runs", train=functools.partial(train_workdir, data=data))
     runs = {}
-    for n_replicas in grid["replicas"]:
-        for seed in grid["seeds"]:
-            for method in METHODS:
-                config = make_config(method, n_replicas, seed, steps)
-                workdir = out / "runs" / f"{method}-R{n_replicas}-seed{seed}-steps{steps}"
-                result = run_one(workdir, config, data)
-                runs[(method, n_replicas, seed)] = {"result": result, "sim": simulate(result)}
+    for name, cell in cells.items():
+        result = RunResult(**json.loads((workdirs[name] / "result.json").read_text()))
+        runs[cell] = {"result": result, "sim": simulate(result)}
     prefix = "" if FLAGS.grid == "full" else f"{FLAGS.grid}_"
     command = f"python experiments/noloco/run.py --grid={FLAGS.grid}" + (
         f" --steps={FLAGS.steps}" if FLAGS.steps else "")
