@@ -124,3 +124,41 @@ def test_the_replicated_config_trains_alone_like_the_vmap_run_and_keeps_a_finish
     config.run.unlocked = 1  # an unknown field
     with pytest.raises(ConfigError, match="unexpected keyword argument 'unlocked'"):
         validate(config)
+
+
+def test_a_lone_run_with_more_replicas_than_devices_names_the_fix(tmp_path):
+    from configs import noloco
+    from decjax.train.distributed import run_config
+    from decjax.train.distributed import train as train_distributed
+
+    config = noloco.get_config(f"size=tiny,replicas={2 * len(jax.devices())}")
+    with pytest.raises(ValueError, match=f"JAX_NUM_CPU_DEVICES={2 * len(jax.devices())}"):
+        train_distributed(run_config(config), config.dist, tmp_path)
+
+
+def test_train_workdir_writes_a_record_the_sweep_reuses(tmp_path):
+    import json
+
+    from configs import noloco
+    from decjax.train.replicated import RunResult, train_workdir
+    from decjax.train.sweep import sweep
+
+    config = noloco.get_config("size=tiny,replicas=3")  # not the device count: vmapped
+    config.run.steps, config.run.progress = 4, False
+    calls = []
+
+    def counted(config, workdir):
+        calls.append(workdir)
+        return train_workdir(config, workdir)
+
+    workdirs = sweep({"run": config}, tmp_path, train=counted, progress=False)
+    result = RunResult(**json.loads((workdirs["run"] / "result.json").read_text()))
+    assert len(result.final_replica_losses) == 3 and np.isfinite(result.val_loss_mean).all()
+    val = [json.loads(line) for line in (workdirs["run"] / "metrics.jsonl").open()]
+    assert [r["loss"] for r in val] == result.val_loss_mean
+    sweep({"run": config}, tmp_path, train=counted, progress=False)
+    assert len(calls) == 1  # the finished run was reused
+    config.run.seed = 1
+    with pytest.raises(ValueError, match="run.seed: 0 -> 1"):
+        sweep({"run": config}, tmp_path, train=counted, progress=False)
+    assert RunResult(**json.loads((workdirs["run"] / "result.json").read_text())) == result

@@ -185,10 +185,12 @@ class _Trainer:
         if joined is None:
             layout = _Layout(group.devices, list(range(len(group.devices))))
             if len(layout.devices) != c.n_replicas:
+                fix = ("set n_replicas (or --devices_per_process) to match" if group.distributed
+                       else f"on a CPU, start with JAX_NUM_CPU_DEVICES={c.n_replicas}")
                 raise ValueError(
                     f"n_replicas={c.n_replicas} but the group has {len(layout.devices)} devices "
                     f"({len({d.process_index for d in layout.devices})} processes): one replica "
-                    "per device, so set n_replicas (or --devices_per_process) to match")
+                    f"per device, so {fix}")
             step = 0
             host = self._fresh_state(len(layout.local_ids(group.process_id)))
             self.event(0, "start", processes=len({d.process_index for d in layout.devices}),
