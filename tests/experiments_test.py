@@ -1,5 +1,6 @@
 """The experiment scripts run end to end (tiny step counts; the real runs are in results/)."""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -38,6 +39,17 @@ def test_noloco_quick_grid_writes_table_and_plots_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "done " not in again.stdout  # every finished run was reused, none retrained
     assert (tmp_path / "quick.md").read_text() == table
+    # A finished run of another config stops the grid with one line; nothing is overwritten.
+    stored = sorted((tmp_path / "runs").glob("noloco-*/config.json"))[0]
+    changed = json.loads(stored.read_text())
+    changed["run"]["seed"] = 7
+    stored.write_text(json.dumps(changed))
+    result = stored.with_name("result.json").read_bytes()
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0
+    assert "holds a finished run of another config (run.seed: 7 -> 0)" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert stored.with_name("result.json").read_bytes() == result
 
 
 def test_skippipe_quick_grid_writes_tables_and_plot(tmp_path):

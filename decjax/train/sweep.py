@@ -65,13 +65,30 @@ def config_changes(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
     return changes
 
 
+class SweepRefused(ValueError):
+    """A sweep would overwrite a finished run of another config."""
+
+
+def sweep_or_exit(configs: Mapping[str, ml_collections.ConfigDict], out: str | pathlib.Path,
+                  **options) -> dict[str, pathlib.Path]:
+    """:func:`sweep` for scripts: an invalid config or a refused sweep exits with its one-line
+    message instead of a traceback (errors during training still raise)."""
+    from decjax.train.config import ConfigError
+
+    try:
+        return sweep(configs, out, **options)
+    except (ConfigError, SweepRefused) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def sweep(configs: Mapping[str, ml_collections.ConfigDict], out: str | pathlib.Path, *,
           train: Callable = train_config, progress: bool = True) -> dict[str, pathlib.Path]:
     """Trains every config not already finished in ``<out>/<name>``; returns the workdirs.
 
     Raises:
-      ValueError: a config is not valid, or a finished run in ``<out>/<name>`` was trained
-        with a different config (both before anything is trained).
+      ConfigError: a config is not valid (before anything is trained).
+      SweepRefused: a finished run in ``<out>/<name>`` was trained with a different config
+        (before anything is trained).
     """
     from decjax.train.config import validate
 
@@ -86,7 +103,7 @@ def sweep(configs: Mapping[str, ml_collections.ConfigDict], out: str | pathlib.P
         stored = json.loads((workdirs[name] / "config.json").read_text())
         changes = config_changes(stored, json.loads(config.to_json_best_effort()))
         if changes:
-            raise ValueError(
+            raise SweepRefused(
                 f"{workdirs[name]} holds a finished run of another config ("
                 f"{'; '.join(changes[:3])}{' ...' if len(changes) > 3 else ''}): delete it or "
                 "choose another --out")

@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from configs import checkfree as checkfree_config  # noqa: E402
 from decjax.train.records import read_jsonl  # noqa: E402
-from decjax.train.sweep import sweep  # noqa: E402
+from decjax.train.sweep import sweep_or_exit  # noqa: E402
 
 plt.switch_backend("Agg")  # files only
 FLAGS = flags.FLAGS
@@ -66,7 +66,7 @@ def make_config(method: str, rate: float, seed: int, steps: int, **method_fields
 
 def run_one(workdir: pathlib.Path, config) -> dict:
     """Trains (or reuses the finished run of the same config) and returns its curves."""
-    sweep({workdir.name: config}, workdir.parent, progress=False)
+    sweep_or_exit({workdir.name: config}, workdir.parent, progress=False)
     events = read_jsonl(workdir / "events.jsonl")
     val = [r for r in read_jsonl(workdir / "metrics.jsonl") if r["split"] == "val"]
     return {

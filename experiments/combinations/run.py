@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))  # `configs` lives at the repository root
 from configs import checkfree as checkfree_config  # noqa: E402
 from configs import replicated as replicated_config  # noqa: E402
 from decjax.train.records import read_jsonl, replace_results_block  # noqa: E402
-from decjax.train.sweep import sweep  # noqa: E402
+from decjax.train.sweep import sweep_or_exit  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("part", "reroute", ["reroute", "peer_copy", "noloco"],
@@ -178,11 +178,11 @@ def main(argv):
     if FLAGS.part == "noloco":
         jax.config.update("jax_num_cpu_devices", REPLICAS)  # one replica per device
         grid = NOLOCO_GRIDS[FLAGS.grid]
-        workdirs = sweep(grid_configs(FLAGS.part, grid), out / "runs" / "noloco")
+        workdirs = sweep_or_exit(grid_configs(FLAGS.part, grid), out / "runs" / "noloco")
         text = noloco_table(grid, {n: summarise_replicas(w) for n, w in workdirs.items()})
     else:
         grid = GRIDS[FLAGS.grid]
-        workdirs = sweep(grid_configs(FLAGS.part, grid), out / "runs")
+        workdirs = sweep_or_exit(grid_configs(FLAGS.part, grid), out / "runs")
         text = table(FLAGS.part, grid, {name: summarise(w) for name, w in workdirs.items()})
     path = out / f"{FLAGS.part}{'' if FLAGS.grid == 'full' else '-' + FLAGS.grid}.md"
     path.write_text(text + "\n")

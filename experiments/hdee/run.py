@@ -41,7 +41,7 @@ from decjax.train.records import (  # noqa: E402
     replace_results_block,
     write_atomically,
 )
-from decjax.train.sweep import sweep  # noqa: E402
+from decjax.train.sweep import sweep_or_exit  # noqa: E402
 
 plt.switch_backend("Agg")  # files only
 FLAGS = flags.FLAGS
@@ -91,8 +91,8 @@ def run_all(out: pathlib.Path, grid: dict) -> dict:
     ensembles, dense = make_ensembles(run, vocab_size)
     budget = budget_report(ensembles, dense, run.tokens_per_step)
     print(budget, flush=True)
-    workdirs = sweep(seed_configs, out / "runs")
-    workdirs.update(sweep(branched_configs, out / "runs"))
+    workdirs = sweep_or_exit(seed_configs, out / "runs")
+    workdirs.update(sweep_or_exit(branched_configs, out / "runs"))
     runs = {}
     for name, workdir in workdirs.items():
         kind, _, seed = name.rpartition("-s")

@@ -36,7 +36,7 @@ from decjax.data import default_cache_dir  # noqa: E402
 from decjax.train.distributed import run_config  # noqa: E402
 from decjax.train.records import replace_results_block, write_atomically  # noqa: E402
 from decjax.train.replicated import NOLOCO, RunResult, load_run_data, train_workdir  # noqa: E402
-from decjax.train.sweep import sweep  # noqa: E402
+from decjax.train.sweep import sweep_or_exit  # noqa: E402
 
 plt.switch_backend("Agg")  # files only
 FLAGS = flags.FLAGS
@@ -241,8 +241,8 @@ def main(argv):
     data = load_run_data(run_config(make_config("dp", 1, 0, steps)))
     cells = {f"{method}-R{n}-seed{seed}-steps{steps}": (method, n, seed)
              for n in grid["replicas"] for seed in grid["seeds"] for method in METHODS}
-    workdirs = sweep({name: make_config(*cell, steps) for name, cell in cells.items()},
-                     out / "runs", train=functools.partial(train_workdir, data=data))
+    workdirs = sweep_or_exit({name: make_config(*cell, steps) for name, cell in cells.items()},
+                             out / "runs", train=functools.partial(train_workdir, data=data))
     runs = {}
     for name, cell in cells.items():
         result = RunResult(**json.loads((workdirs[name] / "result.json").read_text()))

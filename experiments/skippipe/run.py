@@ -66,7 +66,7 @@ from decjax.skippipe import (  # noqa: E402
 )
 from decjax.train import restore_run  # noqa: E402
 from decjax.train.records import read_jsonl, replace_results_block, write_atomically  # noqa: E402
-from decjax.train.sweep import sweep  # noqa: E402
+from decjax.train.sweep import sweep_or_exit  # noqa: E402
 
 plt.switch_backend("Agg")  # files only
 FLAGS = flags.FLAGS
@@ -341,7 +341,8 @@ def train_runs(study_name: str, rotations: dict, clock: dict, grid: dict, steps:
                out: pathlib.Path, prefix: str) -> dict:
     """Every (variant, seed) run of one study, trained or reused (:func:`sweep`)."""
     configs = run_configs(study_name, grid, steps, out / f"{prefix}rotations.json", prefix)
-    workdirs = sweep({run: config for run, (_, _, config) in configs.items()}, out / "runs")
+    workdirs = sweep_or_exit({run: config for run, (_, _, config) in configs.items()},
+                             out / "runs")
     return {(name, seed): load_run(workdirs[run], name, rotations, clock, grid)
             for run, (name, seed, _) in configs.items()}
 
